@@ -1,0 +1,392 @@
+"""The one Flax encoder shared by every objective.
+
+BERT's architecture (learned absolute positions, token types, post-LN, GELU) with the
+variants other encoder families need as options of `EncoderConfig`, never as forks:
+pre-LN, factorized embeddings with a projection (ALBERT, ELECTRA), cross-layer sharing in
+groups (ALBERT), position offsets (RoBERTa), no token types (RoBERTa, DistilBERT).
+
+Every parameter carries logical axis names (vocab, embed, heads, kv, mlp); the rules that
+map them onto the mesh (data, fsdp, tensor) live in the config and `bert_jax.sharding`.
+The encoder does not know which objective runs: it maps ids to hidden states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),  # BERT's erf GELU
+    "gelu_new": functools.partial(nn.gelu, approximate=True),  # tanh approximation
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "explicit")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Architecture of the encoder. Defaults are BERT-base."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  # Factorized embeddings (ALBERT, ELECTRA): tables of this width, projected to hidden.
+  embedding_size: int | None = None
+  max_position_embeddings: int = 512
+  # RoBERTa counts positions from padding_idx + 1 = 2; padding tokens sit at offset - 1.
+  position_offset: int = 0
+  type_vocab_size: int = 2  # 0: no token-type embeddings
+  hidden_act: str = "gelu"
+  # Activation of the MLM head's transform; None: hidden_act. (RoBERTa's and ELECTRA's
+  # generator heads always use GELU whatever the encoder's activation.)
+  head_act: str | None = None
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  pre_layer_norm: bool = False
+  # ALBERT: layers share parameters in this many groups (1 = all layers share one).
+  num_layer_groups: int | None = None
+  dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # per-layer rematerialisation policy: none | full | dots
+  attention_impl: str = "auto"  # auto | xla | cudnn | explicit
+
+  def __post_init__(self):
+    def check(ok, field, msg):
+      if not ok:
+        raise ValueError(f"EncoderConfig.{field}: {msg}")
+
+    check(self.hidden_size % self.num_heads == 0, "num_heads",
+          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    check(self.hidden_act in ACTIVATIONS, "hidden_act",
+          f"{self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+    check(self.head_act is None or self.head_act in ACTIVATIONS, "head_act",
+          f"{self.head_act!r} is not None or one of {sorted(ACTIVATIONS)}")
+    check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {sorted(DTYPES)}")
+    check(self.param_dtype in DTYPES, "param_dtype",
+          f"{self.param_dtype!r} is not one of {sorted(DTYPES)}")
+    check(self.remat in REMAT_POLICIES, "remat",
+          f"{self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+          f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if self.num_layer_groups is not None:
+      check(1 <= self.num_layer_groups <= self.num_layers
+            and self.num_layers % self.num_layer_groups == 0, "num_layer_groups",
+            f"{self.num_layer_groups} must divide num_layers {self.num_layers}")
+    for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size",
+                 "max_position_embeddings"):
+      check(getattr(self, name) > 0, name, "must be positive")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def embed_size(self) -> int:
+    return self.embedding_size or self.hidden_size
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "EncoderConfig":
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"Unknown EncoderConfig fields {unknown}; valid: {sorted(names)}")
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _dense_init(cfg: EncoderConfig, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(
+      nn.initializers.truncated_normal(cfg.initializer_range), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, with logically partitioned scale and bias."""
+
+  eps: float
+  axis_name: str = "embed"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.LayerNorm(
+        epsilon=self.eps, dtype=self.dtype,
+        scale_init=_ones((self.axis_name,)), bias_init=_zeros((self.axis_name,)),
+        name="norm")(x)
+
+
+def attention_mask_from_padding(attention_mask: Array) -> Array:
+  """[B, L] 0/1 padding mask -> [B, 1, 1, L] boolean key mask."""
+  return attention_mask[:, None, None, :].astype(bool)
+
+
+def _as_4d_mask(mask: Array) -> Array:
+  if mask.ndim == 2:  # [B, L] padding
+    return attention_mask_from_padding(mask)
+  if mask.ndim == 3:  # [B, Lq, Lk] full mask (permutation LM, packed sequences)
+    return mask[:, None, :, :].astype(bool)
+  if mask.ndim == 4:
+    return mask.astype(bool)
+  raise ValueError(f"attention mask must have 2, 3 or 4 dims, got shape {mask.shape}")
+
+
+class SelfAttention(nn.Module):
+  """Multi-head attention; queries may come from a second stream (two-stream PLM)."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x_q: Array, x_kv: Array, mask: Array, *, deterministic: bool,
+               return_probs: bool = False) -> tuple[Array, Array | None]:
+    cfg = self.cfg
+    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    proj = functools.partial(
+        nn.DenseGeneral, features=(cfg.num_heads, cfg.head_dim), dtype=dtype,
+        param_dtype=pdtype, kernel_init=_dense_init(cfg, ("embed", "heads", "kv")),
+        bias_init=_zeros(("heads", "kv")))
+    q = proj(name="query")(x_q)
+    k = proj(name="key")(x_kv)
+    v = proj(name="value")(x_kv)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+
+    use_dropout = not deterministic and cfg.attention_dropout > 0
+    # The fused path has no dropout on probabilities and does not return them.
+    explicit = cfg.attention_impl == "explicit" or use_dropout or return_probs
+    probs = None
+    if explicit:
+      scale = cfg.head_dim ** -0.5
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1)
+      dropped = probs
+      if use_dropout:
+        dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=False)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), v)
+    else:
+      impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
+    out = nn.DenseGeneral(
+        features=cfg.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
+        kernel_init=_dense_init(cfg, ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)), name="output")(ctx)
+    return out, probs
+
+
+class FeedForward(nn.Module):
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    cfg = self.cfg
+    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    h = nn.Dense(cfg.intermediate_size, dtype=dtype, param_dtype=pdtype,
+                 kernel_init=_dense_init(cfg, ("embed", "mlp")),
+                 bias_init=_zeros(("mlp",)), name="intermediate")(x)
+    h = ACTIVATIONS[cfg.hidden_act](h)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+                    kernel_init=_dense_init(cfg, ("mlp", "embed")),
+                    bias_init=_zeros(("embed",)), name="output")(h)
+
+
+class Layer(nn.Module):
+  """One transformer layer, post-LN (BERT) or pre-LN.
+
+  With `query` given, the same weights also run the query stream of two-stream
+  attention: queries from `query`, keys and values from the content stream `x`.
+  """
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               query: Array | None = None, query_mask: Array | None = None,
+               return_probs: bool = False):
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    attention = SelfAttention(cfg, name="attention")
+    attention_norm = LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_norm")
+    ffn = FeedForward(cfg, name="ffn")
+    ffn_norm = LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="ffn_norm")
+    drop = nn.Dropout(cfg.hidden_dropout)
+
+    def block(h_q, kv_normed, m, probs_wanted):
+      # kv_normed: the (already normalised, for pre-LN) content stream used as keys/values.
+      if cfg.pre_layer_norm:
+        a, probs = attention(attention_norm(h_q), kv_normed, m, deterministic=deterministic,
+                             return_probs=probs_wanted)
+        h = h_q + drop(a, deterministic=deterministic)
+        f = ffn(ffn_norm(h), deterministic=deterministic)
+        return h + drop(f, deterministic=deterministic), probs
+      a, probs = attention(h_q, kv_normed, m, deterministic=deterministic,
+                           return_probs=probs_wanted)
+      h = attention_norm(h_q + drop(a, deterministic=deterministic))
+      f = ffn(h, deterministic=deterministic)
+      return ffn_norm(h + drop(f, deterministic=deterministic)), probs
+
+    kv = attention_norm(x) if cfg.pre_layer_norm else x
+    out, probs = block(x, kv, mask, return_probs)
+    out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+    q_out = None
+    if query is not None:
+      q_out, _ = block(query, kv, query_mask, False)
+      q_out = nn.with_logical_constraint(q_out, ("batch", "length", "embed"))
+    return out, q_out, probs
+
+
+class Embeddings(nn.Module):
+  """Word + position (+ token type) embeddings, LayerNorm, dropout, projection if factorized."""
+
+  cfg: EncoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdtype = DTYPES[cfg.param_dtype]
+    init = lambda axes: _dense_init(cfg, axes)  # noqa: E731
+    self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.embed_size, param_dtype=pdtype,
+                                    dtype=DTYPES[cfg.dtype],
+                                    embedding_init=init(("vocab", "embed")))
+    self.position_embeddings = nn.Embed(
+        cfg.max_position_embeddings, cfg.embed_size, param_dtype=pdtype,
+        dtype=DTYPES[cfg.dtype], embedding_init=init((None, "embed")))
+    if cfg.type_vocab_size > 0:
+      self.token_type_embeddings = nn.Embed(
+          cfg.type_vocab_size, cfg.embed_size, param_dtype=pdtype, dtype=DTYPES[cfg.dtype],
+          embedding_init=init((None, "embed")))
+    self.layer_norm = LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype])
+    self.dropout = nn.Dropout(cfg.hidden_dropout)
+    if cfg.embed_size != cfg.hidden_size:
+      self.projection = nn.Dense(cfg.hidden_size, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
+                                 kernel_init=init(("embed_proj", "embed")),
+                                 bias_init=_zeros(("embed",)))
+
+  def position_ids(self, attention_mask: Array) -> Array:
+    cfg = self.cfg
+    L = attention_mask.shape[-1]
+    if cfg.position_offset == 0:
+      return jnp.broadcast_to(jnp.arange(L), attention_mask.shape)
+    # RoBERTa: real tokens count from the offset, padding sits at offset - 1.
+    running = jnp.cumsum(attention_mask, axis=-1) - 1
+    return jnp.where(attention_mask > 0, running + cfg.position_offset, cfg.position_offset - 1)
+
+  def embed_positions(self, position_ids: Array) -> Array:
+    return self.position_embeddings(position_ids)
+
+  def __call__(self, input_ids, segment_ids, position_ids, *, deterministic: bool) -> Array:
+    x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+    if self.cfg.type_vocab_size > 0:
+      x = x + self.token_type_embeddings(segment_ids)
+    x = self.dropout(self.layer_norm(x), deterministic=deterministic)
+    return self.project(x)
+
+  def project(self, x: Array) -> Array:
+    if self.cfg.embed_size != self.cfg.hidden_size:
+      x = self.projection(x)
+    return x
+
+  def attend(self, x: Array) -> Array:
+    """Tied output projection: x [.., E] -> logits over the vocabulary."""
+    return self.word_embeddings.attend(x)
+
+
+class Encoder(nn.Module):
+  """Ids -> hidden states; optionally every layer's states, attention maps and a query stream.
+
+  Returns a dict with "hidden_states" [B, L, H], and on request "all_hidden_states" (the
+  embedding output then each layer's output), "attentions" (each layer's [B, heads, L, L]
+  probabilities) and "query_states" (the query stream's last layer, two-stream attention).
+  """
+
+  cfg: EncoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embeddings = Embeddings(cfg)
+    layer_cls = Layer
+    if cfg.remat != "none":
+      layer_cls = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3, 6))
+    n_modules = cfg.num_layer_groups or cfg.num_layers
+    self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(n_modules)]
+    if cfg.pre_layer_norm:
+      self.final_norm = LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype])
+
+  def layer_module(self, i: int) -> nn.Module:
+    """The module that runs layer i (ALBERT shares one per group of consecutive layers)."""
+    per_group = self.cfg.num_layers // len(self.layers)
+    return self.layers[i // per_group]
+
+  def __call__(self, input_ids: Array, segment_ids: Array | None = None,
+               attention_mask: Array | None = None, *, position_ids: Array | None = None,
+               deterministic: bool = True, query_states: Array | None = None,
+               query_mask: Array | None = None, output_hidden_states: bool = False,
+               output_attentions: bool = False) -> dict[str, Any]:
+    cfg = self.cfg
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    padding = attention_mask if attention_mask.ndim == 2 else jnp.ones_like(input_ids)
+    if segment_ids is None:
+      segment_ids = jnp.zeros_like(input_ids)
+    if position_ids is None:
+      position_ids = self.embeddings.position_ids(padding)
+    x = self.embeddings(input_ids, segment_ids, position_ids, deterministic=deterministic)
+    x = nn.with_logical_constraint(x.astype(DTYPES[cfg.dtype]), ("batch", "length", "embed"))
+    mask = _as_4d_mask(attention_mask)
+    qmask = None if query_states is None else _as_4d_mask(query_mask)
+    g = query_states
+    hidden, attentions = [x], []
+    for i in range(cfg.num_layers):
+      x, g, probs = self.layer_module(i)(x, mask, deterministic, g, qmask, output_attentions)
+      hidden.append(x)
+      if output_attentions:
+        attentions.append(probs)
+    if cfg.pre_layer_norm:
+      x = self.final_norm(x)
+      g = None if g is None else self.final_norm(g)
+      hidden[-1] = x
+    out: dict[str, Any] = {"hidden_states": x}
+    if output_hidden_states:
+      out["all_hidden_states"] = tuple(hidden)
+    if output_attentions:
+      out["attentions"] = tuple(attentions)
+    if g is not None:
+      out["query_states"] = g
+    return out
+
+  def attend(self, x: Array) -> Array:
+    """Logits over the vocabulary with the tied word-embedding matrix."""
+    return self.embeddings.attend(x)
+
+  def embed_tokens(self, ids: Array) -> Array:
+    """Word embeddings alone (e.g. to seed a query stream)."""
+    return self.embeddings.word_embeddings(ids)

@@ -1,0 +1,95 @@
+"""Pretraining presets: get_config("FAMILY,SIZE"), e.g. "bert,tiny" or "roberta,small".
+
+Every field can be overridden on the command line (--config.optim.lr=1e-4); the config
+is locked, so a misspelt field is an error. Sizes: tiny (CI, minutes on a CPU), small
+(BERT-small, L4/H512), base (the published base configurations).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+SIZES = {
+    #        layers hidden heads  ffn  batch  seq  steps   lr    warmup
+    "tiny": (2, 128, 2, 512, 32, 128, 600, 1e-3, 60),
+    "small": (4, 512, 8, 2048, 128, 128, 100_000, 5e-4, 10_000),
+    "base": (12, 768, 12, 3072, 256, 512, 1_000_000, 1e-4, 10_000),
+}
+FAMILIES = ("bert", "roberta")
+
+
+def encoder_fields(size: str) -> ml_collections.ConfigDict:
+  layers, hidden, heads, ffn, *_ = SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      vocab_size=8000 if size != "base" else 30522,
+      hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=ffn,
+      embedding_size=config_dict.placeholder(int), max_position_embeddings=512,
+      position_offset=0, type_vocab_size=2, hidden_act="gelu", hidden_dropout=0.1,
+      attention_dropout=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
+      pre_layer_norm=False, num_layer_groups=config_dict.placeholder(int),
+      dtype="float32", param_dtype="float32", remat="none", attention_impl="auto"))
+
+
+def base_config(size: str) -> ml_collections.ConfigDict:
+  _, _, _, _, batch, seq, steps, lr, warmup = SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.family = "bert"
+  c.size = size
+  c.seed = 0
+  # Weighted objectives, e.g. "mlm:1.0,nsp:1.0"; each reads its own section below.
+  c.objectives = "mlm:1.0"
+  c.model = encoder_fields(size)
+  c.mlm = ml_collections.ConfigDict(dict(
+      rate=0.15, max_predictions=max(20, round(seq * 0.15 + 0.5)), mask_prob=0.8,
+      random_prob=0.1, whole_word=False, span="none", max_ngram=3, span_p=0.2, max_span=10,
+      static=False, dupe_factor=10, predict_all=False))
+  c.data = ml_collections.ConfigDict(dict(
+      source="bundled", train_files="", eval_files="", text_format="sentences",
+      tfds_name="", tfds_data_dir="", tfds_text_key="text", train_split="train",
+      eval_split="validation", seq_len=seq, packing="full_sentences", short_seq_prob=0.1,
+      dupe_factor=1, tokenizer="", vocab_size=c.model.vocab_size, tokenizer_type="unigram",
+      num_threads=0, cache_dir=""))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=batch, steps=steps, grad_accum=1, log_every=20, eval_every=200,
+      eval_batches=8, checkpoint_every=200, keep=3, keep_best=True, async_checkpoint=True))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=warmup, schedule="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999,
+      eps=1e-6, weight_decay=0.01, clip_norm=1.0))
+  # Mesh sizes over (data, fsdp, tensor); -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # mode: data | fsdp | tensor (presets in bert_jax/sharding.py) or custom (rules below).
+  c.sharding = ml_collections.ConfigDict(dict(mode="fsdp", rules=()))
+  return c
+
+
+def bert(c: ml_collections.ConfigDict) -> None:
+  """BERT: MLM (80/10/10, 15%) on sentence-packed sequences, post-LN, token types."""
+  c.family = "bert"
+
+
+def roberta(c: ml_collections.ConfigDict) -> None:
+  """RoBERTa: dynamic MLM on FULL-SENTENCES packing, no NSP, one token type."""
+  c.family = "roberta"
+  c.objectives = "mlm:1.0"
+  c.mlm.static = False
+  c.data.packing = "full_sentences"
+  c.model.type_vocab_size = 1
+  c.model.layer_norm_eps = 1e-5
+  c.optim.b2 = 0.98
+
+
+PRESETS = {"bert": bert, "roberta": roberta}
+
+
+def get_config(arg: str = "bert,tiny") -> ml_collections.ConfigDict:
+  family, _, size = (arg or "bert,tiny").partition(",")
+  size = size or "tiny"
+  if family not in PRESETS:
+    raise ValueError(f"unknown preset family {family!r}; available: {sorted(PRESETS)}")
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r}; available: {sorted(SIZES)}")
+  c = base_config(size)
+  PRESETS[family](c)
+  c.lock()
+  return c

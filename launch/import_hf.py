@@ -1,0 +1,42 @@
+r"""Import a Hugging Face (transformers, PyTorch) checkpoint into a bert-jax workdir.
+
+  python -m launch.import_hf --hf_dir path/to/bert-base-uncased --workdir runs/bert_base_hf
+
+Writes WORKDIR/config.json (a full run config, family and model from the checkpoint),
+an orbax checkpoint at step 0 in WORKDIR/checkpoints (parameters of the encoder and the
+pretraining heads the checkpoint has), and the tokenizer files under WORKDIR/hf/ (a
+sentencepiece model also as WORKDIR/tokenizer.model). Supported model types: albert,
+bert, distilbert, electra, roberta. See docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("hf_dir", None, "A transformers model directory (config.json + "
+                    "model.safetensors or pytorch_model.bin).", required=True)
+flags.DEFINE_string("workdir", None, "The new bert-jax workdir.", required=True)
+flags.DEFINE_enum("size", "tiny", ["tiny", "small", "base"],
+                  "Preset whose training fields (batch, steps, lr) the config starts from.")
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from bert_jax import hf
+  summary = hf.import_to_workdir(FLAGS.hf_dir, FLAGS.workdir, size=FLAGS.size)
+  cfg = summary["config"]
+  print(f"imported     {FLAGS.hf_dir} ({summary['architecture']}, family {summary['family']})\n"
+        f"model        {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}\n"
+        f"heads        {', '.join(summary['heads']) or 'none'}\n"
+        f"tokenizer    {', '.join(summary['tokenizer']) or 'none found'}\n"
+        f"workdir      {summary['workdir']} (checkpoint at step 0)", flush=True)
+  if summary["ignored"]:
+    print(f"ignored      {len(summary['ignored'])} weights: {', '.join(summary['ignored'][:8])}")
+
+
+if __name__ == "__main__":
+  app.run(main)

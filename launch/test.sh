@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.11+) with the test extras if needed, then runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+exec .venv/bin/python -m pytest tests -q -n 2 --durations=15 "$@"

@@ -1,0 +1,43 @@
+"""Test setup: 8 simulated CPU devices (set before JAX is imported) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer(tmp_path_factory) -> str:
+  """A small sentencepiece model trained on part of the bundled corpus (shared by tests)."""
+  from bert_jax.data import bundled, tokenizer
+  docs, _ = bundled.read_documents(bundled.corpus_path("train"))
+  sentences = [s for d in docs for s in d]
+  out = tmp_path_factory.mktemp("tokenizer")
+  path = tokenizer.train_tokenizer(sentences, out, vocab_size=512, max_sentences=8000)
+  return str(path)
+
+
+def tiny_config(tokenizer_path: str, cache_dir: str | None = None, **overrides):
+  """The bert,tiny preset shrunk for tests: 2 layers of width 32, vocab 512, length 64."""
+  from configs.pretrain import get_config
+  c = get_config("bert,tiny")
+  c.model.update(dict(vocab_size=512, hidden_size=32, num_heads=4, intermediate_size=64,
+                      num_layers=2, max_position_embeddings=64))
+  c.data.update(dict(seq_len=64, tokenizer=tokenizer_path, vocab_size=512))
+  if cache_dir:
+    c.data.cache_dir = cache_dir
+  c.mlm.max_predictions = 10
+  c.train.update(dict(batch_size=16, steps=4, log_every=1, eval_every=2, eval_batches=2,
+                      checkpoint_every=2, async_checkpoint=False))
+  c.optim.warmup_steps = 1
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
