@@ -214,8 +214,13 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     run_config.save(config, workdir)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunSummary:
-  """Pretrain with the config's objectives; resumes if `workdir` holds a checkpoint."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after: int | None = None) -> RunSummary:
+  """Pretrain with the config's objectives; resumes if `workdir` holds a checkpoint.
+
+  `stop_after` ends this invocation after that step with a checkpoint, as a preemption
+  would; launching again continues the same run (same schedule, data order and masks).
+  """
   from bert_jax.data import pipeline, tokenizer as tokenizer_lib
 
   workdir = os.path.abspath(workdir)
@@ -301,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunSu
   rate = 0.0
   t_start = time.perf_counter()
   try:
-    for step in range(start + 1, tc.steps + 1):
+    last = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    for step in range(start + 1, last + 1):
       batch = to_global(next(data_iter), batch_sharding)
       with sharding.activate(mesh, rules):
         state, m = p_train(state, batch)
@@ -316,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunSu
         last_eval = evaluate(state.params)
         writer.write(step, "eval", last_eval)
         progress.write(_format("eval", step, last_eval))
-      if step % tc.checkpoint_every == 0 or step == tc.steps:
+      if step % tc.checkpoint_every == 0 or step == last:
         ckpt.save(step, state, data_iter,
                   metrics={"eval/loss": last_eval["loss"]} if last_eval else None)
   finally:

@@ -8,6 +8,8 @@ error names the field and the valid choices.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from typing import Sequence
 
 import ml_collections
@@ -36,12 +38,33 @@ def check_override_names(config: ml_collections.ConfigDict, argv: Sequence[str],
                      f"{' of ' + parent if parent else ''}: {', '.join(siblings)}")
 
 
-def parse_flags_checked(argv: Sequence[str]) -> list[str]:
-  """absl flags parser for app.run: checks --config.* names before applying them."""
+def _config_spec(argv: Sequence[str], flag: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{flag}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{flag}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/pretrain.py:bert,tiny' -> the ConfigDict that file's get_config returns."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_checked_config", path)
+  if module_spec is None or not os.path.exists(path):
+    raise SystemExit(f"error: config file {path!r} not found")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_flags_checked(argv: Sequence[str], flag: str = "config",
+                        default: str = "configs/pretrain.py:bert,tiny") -> list[str]:
+  """absl flags parser for app.run: checks --config.* names before config_flags applies
+  them, so a misspelt field gets a message naming the valid ones."""
   from absl import flags
-  FLAGS = flags.FLAGS
-  overrides = [a for a in argv[1:] if a.startswith("--config.")]
-  FLAGS([a for a in argv if not a.startswith("--config.")])  # loads the config file alone
-  check_override_names(FLAGS.config, overrides)
-  FLAGS.unparse_flags()
-  return FLAGS(list(argv))
+  overrides = [a for a in argv[1:] if a.startswith(f"--{flag}.")]
+  if overrides:
+    check_override_names(load_config_file(_config_spec(argv, flag) or default), overrides,
+                         flag)
+  return flags.FLAGS(list(argv))

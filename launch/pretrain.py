@@ -8,15 +8,20 @@ Launching the same command on an existing workdir resumes it.
 
 from __future__ import annotations
 
-import logging
+import functools
+import os
+
+from absl import logging as absl_logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
+import configs
 from launch import config_cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/pretrain.py:bert,tiny",
+DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "pretrain.py") + ":bert,tiny"
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
                                 "Config file and preset, e.g. configs/pretrain.py:bert,tiny.")
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, plots.",
                     required=True)
@@ -35,7 +40,7 @@ def initialize_distributed() -> None:
 
 def main(argv):
   del argv
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.WARNING)
   initialize_distributed()
   from bert_jax import train
   summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -55,4 +60,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_cli.parse_flags_checked)
+  app.run(main, flags_parser=functools.partial(config_cli.parse_flags_checked,
+                                                   default=DEFAULT_CONFIG))

@@ -52,7 +52,7 @@ def run_steps(mesh_shape, mode="fsdp", steps=3, grad_accum=1):
     losses = []
     for i in range(steps):
       state, m = step(state, train.to_global(random_batch(i), bs))
-      losses.append(float(m["loss"][0]))
+      losses.append(float(m["loss"][0] / m["loss"][1]))
   return np.array(losses), state
 
 
@@ -75,8 +75,7 @@ def test_meshes_give_the_same_losses():
 
 def test_sharding_modes_and_grad_accum_match():
   base, _ = run_steps((2, 2, 2), mode="fsdp")
-  for mode in ("data", "tensor"):
-    np.testing.assert_allclose(run_steps((2, 2, 2), mode=mode)[0], base, rtol=2e-5)
+  np.testing.assert_allclose(run_steps((2, 2, 2), mode="data")[0], base, rtol=2e-5)
   # Accumulating 2 micro-batches follows the same trajectory up to the per-micro-batch
   # normalisation of the MLM loss, so it is close but not identical.
   accum, _ = run_steps((2, 2, 2), grad_accum=2)
@@ -102,8 +101,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, bundled_tokenizer):
   cache = str(tmp_path / "cache")
   full = tiny_config(bundled_tokenizer, cache, train__steps=6)
   train.train_and_evaluate(full, str(tmp_path / "full"))
-  first = tiny_config(bundled_tokenizer, cache, train__steps=3)
-  train.train_and_evaluate(first, str(tmp_path / "resumed"))
+  train.train_and_evaluate(full, str(tmp_path / "resumed"), stop_after=3)
   assert sorted(train_losses(tmp_path / "resumed")) == [1, 2, 3]
   summary = train.train_and_evaluate(full, str(tmp_path / "resumed"))
   a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")

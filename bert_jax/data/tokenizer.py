@@ -428,19 +428,17 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
         "No tokenizer configured or in %s: training one on the %r train source.",
         workdir, data_cfg.source,
     )
-    with tempfile.TemporaryDirectory(dir=workdir if workdir.exists() else None) as tmp:
-        path = train_tokenizer(
+    # Trained aside then moved in, so an interrupted run never leaves half a tokenizer.
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizer(
             (s for doc in docs.documents for s in doc),
             tmp,
             vocab_size=data_cfg.vocab_size,
             model_type=data_cfg.tokenizer_type,
             max_sentences=ENSURE_MAX_SENTENCES,
         )
-        workdir.mkdir(parents=True, exist_ok=True)
-        for name in (MODEL_FILENAME, "tokenizer.vocab"):
-            src = pathlib.Path(tmp) / name
-            _atomic_write(workdir / name, src.read_bytes())
-        del path
+        for name in ("tokenizer.vocab", MODEL_FILENAME):  # The model last: it marks done.
+            _atomic_write(workdir / name, (pathlib.Path(tmp) / name).read_bytes())
     return load_tokenizer(in_workdir)
 
 

@@ -1,0 +1,17 @@
+"""Fine-tuning: downstream tasks, their data and metrics, on `bert_jax.train`'s loop.
+
+  from bert_jax import finetune
+  from configs.finetune import get_config
+  config = get_config("bundled"); config.init = "runs/demo/pretrain"
+  summary = finetune.finetune(config, "runs/ft_bundled")
+
+Modules: tasks (heads and losses, as an objective), readers (bundled / files / tfds
+records), features (tokenisation, QA windows and offsets), batching (dynamic padding,
+bucketing), predictions (dev predictions and scores), scores (the metrics), restore (the
+encoder of a pretraining workdir), loop (finetune), demo (pretrained vs random init).
+"""
+
+from bert_jax.finetune.demo import demo
+from bert_jax.finetune.loop import Summary, finetune
+
+__all__ = ["Summary", "demo", "finetune"]

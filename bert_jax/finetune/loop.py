@@ -1,0 +1,389 @@
+"""finetune(config, workdir): the pretraining loop's pieces driving a downstream task.
+
+The task is an objective (bert_jax.finetune.tasks), so the state, its shardings, the
+jitted step (with gradient accumulation and donation) and the checkpoints are
+`bert_jax.train`'s and `bert_jax.checkpoint`'s. What fine-tuning adds: the encoder restored
+from a pretraining run, host-side batches of dynamic length, dev scores computed on the
+host from the model's outputs, the best dev checkpoint (WORKDIR/best) with its predictions
+(WORKDIR/predictions_dev.jsonl), early stopping, and layer-wise learning-rate decay.
+Launching the same command on an existing workdir resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import metrics as metrics_lib
+from bert_jax import optim, sharding, train
+from bert_jax.finetune import batching, features as features_lib, predictions, readers
+from bert_jax.finetune import restore, scores as scores_lib
+from bert_jax.finetune.tasks import POOLED_KINDS, TaskObjective
+from bert_jax.model import PretrainModel
+
+import objectives as objectives_lib
+
+BEST_DIR = "best"
+PREDICTIONS_FILE = "predictions_dev.jsonl"
+RESULTS_FILE = "results.json"
+PROGRESS_FILE = "finetune_state.json"
+
+
+@dataclasses.dataclass
+class Summary:
+  workdir: str
+  task: str
+  init: str
+  steps: int
+  best_step: int | None
+  best: dict[str, float]  # dev scores at best_step
+  last: dict[str, float]  # dev scores at the last evaluation
+  main_metric: str
+  stopped_early: bool
+  predictions_file: str
+  elapsed_s: float
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def layer_depth(path: tuple[str, ...], cfg) -> int:
+  """0 for the embeddings, l for (the module serving) layer l, L + 1 for the task head."""
+  L = cfg.num_layers
+  if path[0] != "encoder":
+    return L + 1
+  name = path[1]
+  if name.startswith("layer_"):
+    per = L // (cfg.num_layer_groups or L)
+    return (int(name.split("_")[1]) + 1) * per
+  return L if name == "final_norm" else 0
+
+
+def scale_by_layer_depth(cfg, decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by decay^(L + 1 - depth): layer-wise learning-rate decay."""
+
+  def update(updates, state, params=None):
+    del params
+
+    def scale(path, u):
+      names = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+      return u * decay ** (cfg.num_layers + 1 - layer_depth(names, cfg))
+
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def optimizer_config(config: ml_collections.ConfigDict, total_steps: int):
+  o = ml_collections.ConfigDict(config.optim.to_dict())
+  if o.warmup_steps < 0:
+    o.warmup_steps = int(round(o.warmup_ratio * total_steps))
+  return o
+
+
+def make_optimizer(config, total_steps: int, cfg) -> optax.GradientTransformation:
+  tx = optim.make_optimizer(optimizer_config(config, total_steps), total_steps)
+  if config.optim.layer_decay != 1.0:
+    tx = optax.chain(tx, scale_by_layer_depth(cfg, float(config.optim.layer_decay)))
+  return tx
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Split:
+  data: readers.TaskData
+  feats: features_lib.Featurized
+  lengths: np.ndarray
+
+
+def load_split(config, tok, split: str, label_names=None) -> Split:
+  data = readers.read_split(config.task, split, label_names)
+  feats = features_lib.featurize(config.task.kind, data.records, tok,
+                                 int(config.data.seq_len), config.task)
+  lengths = np.asarray([batching.feature_length(f) for f in feats.features], np.int64)
+  return Split(data, feats, lengths)
+
+
+def num_outputs(config, label_names) -> int:
+  kind = config.task.kind
+  if kind in ("classification", "tagging"):
+    return len(label_names)
+  return {"regression": 1, "qa": 2, "multiple_choice": int(config.task.num_choices)}[kind]
+
+
+def _host_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every host builds the global batch; each feeds its own rows."""
+  n, p = jax.process_count(), jax.process_index()
+  if n == 1:
+    return batch
+  per = len(batch["example_weight"]) // n
+  return {k: v[p * per:(p + 1) * per] for k, v in batch.items()}
+
+
+def _to_host(tree):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def build(config, init: restore.Init, n_out: int, total_steps: int):
+  task = TaskObjective(config.task.kind, n_out, config.model.classifier_dropout)
+  model = PretrainModel(init.encoder_config, (task,))
+  tx = make_optimizer(config, total_steps, init.encoder_config)
+  return train.Setup(model, (objectives_lib.WeightedObjective(task, 1.0),), tx,
+                     int(config.train.grad_accum))
+
+
+def load_pretrained(state, shardings, setup, init: restore.Init, config, mesh, rules):
+  """The freshly initialised state with init's encoder (and pooler) in place, the top
+  `reinit_layers` layer modules kept at their fresh values."""
+  params = dict(state.params)
+  encoder = dict(init.encoder_params)
+  restore.check_same_structure(encoder, params["encoder"], f"the encoder of {config.init}")
+  k = int(config.reinit_layers)
+  n_modules = init.encoder_config.num_layer_groups or init.encoder_config.num_layers
+  if k < 0 or k > n_modules:
+    raise ValueError(f"reinit_layers={k} must be in 0..{n_modules} (the layer modules)")
+  for i in range(n_modules - k, n_modules):
+    encoder[f"layer_{i}"] = params["encoder"][f"layer_{i}"]
+  new = dict(params, encoder=jax.device_put(encoder, shardings.params["encoder"]))
+  if (init.pooler_params is not None and config.init_pooler and k == 0
+      and config.task.kind in POOLED_KINDS):
+    task_params = dict(params["task"])
+    restore.check_same_structure(init.pooler_params, task_params["pooler"],
+                                 f"the pooler of {config.init}")
+    task_params["pooler"] = jax.device_put(init.pooler_params,
+                                           shardings.params["task"]["pooler"])
+    new["task"] = task_params
+  with sharding.activate(mesh, rules):
+    opt_state = jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(new)
+  return state.replace(params=new, opt_state=opt_state)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _main_is_better(metric: str, new: float, old: float | None) -> bool:
+  if old is None or (isinstance(old, float) and math.isnan(old)):
+    return not math.isnan(new)
+  return new < old if metric in scores_lib.LOWER_IS_BETTER else new > old
+
+
+def _write_jsonl(path: str, rows) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False
+             ) -> Summary:
+  """Fine-tunes config.init (or a random init) on config.task; resumes `workdir`."""
+  t0 = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  train.prepare_workdir(config, workdir)
+  tc = config.train
+  if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
+    raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of "
+                     f"train.grad_accum={tc.grad_accum}")
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.sharding)
+  divisor = sharding.batch_divisor(mesh, rules) * jax.process_count()
+  for name, size in (("batch_size / grad_accum", tc.batch_size // tc.grad_accum),
+                     ("eval_batch_size", tc.eval_batch_size)):
+    if size % divisor:
+      raise ValueError(f"train.{name}={size} must be divisible by the {divisor} devices of "
+                       f"the data axes of mesh {dict(mesh.shape)}")
+
+  init = restore.load_init(config)
+  tok = init.tokenizer
+  if jax.process_index() == 0:
+    tok.save(workdir)  # the fine-tuned workdir holds its tokenizer too
+  train_split = load_split(config, tok, "train")
+  label_names = train_split.data.label_names
+  dev_split = load_split(config, tok, "dev", label_names)
+  if jax.process_index() == 0 and label_names:
+    _write_json(os.path.join(workdir, "labels.json"), label_names)
+  n_train = len(train_split.feats.features)
+  steps_per_epoch = n_train // tc.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{n_train} training features are fewer than train.batch_size="
+                     f"{tc.batch_size}")
+  total = int(tc.steps) if tc.steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
+  eval_every = int(tc.eval_every) or steps_per_epoch
+  kind = config.task.kind
+  n_out = num_outputs(config, label_names)
+  setup = build(config, init, n_out, total)
+  seq_len = int(config.data.seq_len)
+  pad_id = tok.pad_id
+
+  def make_batch(feats, idx, batch_size):
+    chosen = [feats[i] for i in idx]
+    longest = max(batching.feature_length(f) for f in chosen)
+    length = batching.bucket_length(longest, seq_len, config.data.pad_multiple,
+                                    config.data.dynamic_padding)
+    return batching.collate(chosen, length, batch_size, pad_id)
+
+  sample = make_batch(train_split.feats.features, [0], divisor)
+  abstract, shardings = train.state_shardings(setup, config.seed, sample, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, keep_best=False, async_save=False)
+  best_ckpt = (checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1,
+                                           keep_best=False, async_save=False)
+               if tc.save_best else None)
+  progress_path = os.path.join(workdir, PROGRESS_FILE)
+  start = ckpt.latest_step()
+  track = {"best_step": None, "best": None, "best_scores": {}, "last_scores": {},
+           "since_best": 0, "stopped_early": False}
+  if start is not None:
+    state = ckpt.restore(start, abstract, None)
+    if os.path.exists(progress_path):
+      with open(progress_path) as f:
+        track.update(json.load(f))
+    logging.info("resumed from step %d", start)
+  else:
+    state, _ = train.init_state(setup, config.seed, sample, mesh, rules)
+    if init.encoder_params is not None:
+      state = load_pretrained(state, shardings, setup, init, config, mesh, rules)
+    start = 0
+
+  with sharding.activate(mesh, rules):
+    p_train = jax.jit(functools.partial(train.train_step, setup=setup),
+                      in_shardings=(shardings, batch_sharding),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+
+    @jax.jit
+    def p_predict(params, batch):
+      out = setup.model.apply({"params": params}, batch, deterministic=True)["task"]
+      _, m = setup.objectives[0].objective.loss(out, batch)
+      return out, m
+
+  def evaluate(params) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    feats = dev_split.feats.features
+    outputs: list[Any] = [None] * len(feats)
+    ms = []
+    for idx in batching.eval_batches(dev_split.lengths, tc.eval_batch_size,
+                                     sort=config.data.dynamic_padding):
+      batch = make_batch(feats, idx, tc.eval_batch_size)
+      with sharding.activate(mesh, rules):
+        out, m = p_predict(params, train.to_global(_host_slice(batch), batch_sharding))
+      out = _to_host(out)
+      ms.append(m)
+      for j, i in enumerate(idx):
+        n = dev_split.lengths[i]
+        if kind == "qa":
+          outputs[i] = {k: np.asarray(v[j, :n], np.float32) for k, v in out.items()}
+        elif kind == "tagging":
+          outputs[i] = np.asarray(out[j, :n], np.float32)
+        else:
+          outputs[i] = np.asarray(out[j], np.float32)
+    scores, rows = predictions.evaluate(kind, dev_split.data.records, dev_split.feats,
+                                        outputs, config.task, label_names)
+    scores = dict(scores, loss=metrics_lib.reduce_metrics(ms)["loss"])
+    return scores, rows
+
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(total, start, tc.batch_size * seq_len,
+                                  enabled=False if quiet else None)
+  main = config.task.main_metric
+  progress.write(
+      f"fine-tuning {config.task.name} ({kind}, {n_out} outputs) from {init.description}; "
+      f"{len(train_split.data.records):,} train / {len(dev_split.data.records):,} dev "
+      f"examples, {total} steps ({steps_per_epoch}/epoch), mesh {dict(mesh.shape)}, "
+      f"{train.count_params(state.params):,} parameters")
+  lr = optim.learning_rate(optimizer_config(config, total), total)
+  epoch_cache: dict[int, list[np.ndarray]] = {}
+  pending: list[dict] = []
+  step = start
+  try:
+    for step in range(start + 1, total + 1):
+      if track["stopped_early"]:
+        step -= 1
+        break
+      epoch, within = divmod(step - 1, steps_per_epoch)
+      if epoch not in epoch_cache:
+        epoch_cache = {epoch: batching.epoch_batches(
+            train_split.lengths, tc.batch_size, config.seed, epoch, config.data.bucket,
+            config.data.bucket_batches)}
+      batch = make_batch(train_split.feats.features, epoch_cache[epoch][within],
+                         tc.batch_size)
+      with sharding.activate(mesh, rules):
+        state, m = p_train(state, train.to_global(_host_slice(batch), batch_sharding))
+      pending.append(m)
+      if step % tc.log_every == 0 or step == total:
+        values = metrics_lib.reduce_metrics(pending)
+        pending = []
+        rate = progress.update(step, values["loss"])
+        writer.write(step, "train", dict(values, tokens_per_second=rate,
+                                         learning_rate=float(lr(step - 1))))
+      if step % eval_every == 0 or step == total:
+        dev_scores, rows = evaluate(state.params)
+        writer.write(step, "eval", dev_scores)
+        track["last_scores"] = dev_scores
+        if main not in dev_scores:
+          raise ValueError(f"task.main_metric={main!r} is not among the dev scores "
+                           f"{sorted(dev_scores)} (task.metrics={config.task.metrics!r})")
+        improved = _main_is_better(main, dev_scores[main], track["best"])
+        if improved:
+          track.update(best=dev_scores[main], best_step=step, best_scores=dev_scores,
+                       since_best=0)
+          if jax.process_index() == 0:
+            _write_jsonl(os.path.join(workdir, PREDICTIONS_FILE), rows)
+          if best_ckpt is not None:
+            best_ckpt.save(step, {"step": state.step, "params": state.params}, None,
+                           force=True)
+        else:
+          track["since_best"] += 1
+          if tc.patience and track["since_best"] >= tc.patience:
+            track["stopped_early"] = True
+        progress.write(f"[dev @ step {step}] " + ", ".join(
+            f"{k}={v:.4f}" for k, v in sorted(dev_scores.items()))
+            + (" (best)" if improved else "")
+            + (" -> early stop" if track["stopped_early"] else ""))
+        if tc.checkpoint:
+          ckpt.save(step, state, None, force=True)
+        if jax.process_index() == 0:
+          _write_json(progress_path, track)
+  finally:
+    progress.close()
+    ckpt.close()
+    if best_ckpt is not None:
+      best_ckpt.close()
+    writer.close()
+  summary = Summary(
+      workdir=workdir, task=config.task.name, init=init.description, steps=step,
+      best_step=track["best_step"], best=track["best_scores"], last=track["last_scores"],
+      main_metric=main, stopped_early=track["stopped_early"],
+      predictions_file=os.path.join(workdir, PREDICTIONS_FILE),
+      elapsed_s=time.perf_counter() - t0)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, RESULTS_FILE), dataclasses.asdict(summary))
+  return summary

@@ -1,0 +1,164 @@
+"""Where a fine-tuning run starts: the encoder (and tokenizer) of a pretraining workdir.
+
+`config.init` names a workdir of ours (any objective; for ELECTRA the discriminator and
+for distillation the student are what live at params["encoder"]) or one written by
+`launch.import_hf`. Its config.json gives the architecture, its checkpoint (latest, best
+or a given step) the weights; only params["encoder"] is kept (plus, for the kinds that
+read the pooled [CLS], the pooler of the NSP/SOP head or of an imported model, with
+`config.init_pooler`): the pretraining heads are dropped. `config.init = ""` starts from
+random weights with the architecture of the configs/pretrain.py preset `config.arch`;
+`config.init_weights = False` keeps init's architecture and tokenizer but not its weights
+(the baseline a pretrained model is compared with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import run_config
+from bert_jax.data import tokenizer as tokenizer_lib
+from bert_jax.encoder import EncoderConfig
+
+# EncoderConfig fields a fine-tuning run may change (config.model.*); None keeps init's.
+OVERRIDABLE = ("hidden_dropout", "attention_dropout", "dtype", "remat", "attention_impl")
+POOLER_SOURCES = ("nsp", "sop", "pooler")
+
+
+@dataclasses.dataclass
+class Init:
+  encoder_config: EncoderConfig
+  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer_path: str
+  encoder_params: Any | None  # None: random
+  pooler_params: Any | None
+  step: int | None
+  description: str
+
+
+def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str | None,
+                    pre: ml_collections.ConfigDict | None) -> str:
+  if config.tokenizer:
+    return config.tokenizer
+  if workdir:
+    in_workdir = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
+    if os.path.isfile(in_workdir):
+      return in_workdir
+    configured = pre.data.get("tokenizer") if pre is not None and "data" in pre else ""
+    if configured:
+      return configured
+    raise ValueError(f"{workdir!r} has no {tokenizer_lib.MODEL_FILENAME} and its config "
+                     "names no data.tokenizer: give one with --config.tokenizer")
+  raise ValueError("config.init='' (random init) needs a tokenizer: --config.tokenizer=PATH "
+                   "(a sentencepiece .model)")
+
+
+def _with_overrides(fields: dict[str, Any], config: ml_collections.ConfigDict) -> EncoderConfig:
+  fields = dict(fields)
+  for name in OVERRIDABLE:
+    value = config.model.get(name)
+    if value is not None:
+      fields[name] = value
+  return EncoderConfig.from_dict(fields)
+
+
+def check_compatible(cfg: EncoderConfig, tokenizer_vocab: int, seq_len: int,
+                     origin: str) -> None:
+  """The checkpoint's tables must hold the tokenizer's ids and the task's positions."""
+  if tokenizer_vocab > cfg.vocab_size:
+    raise ValueError(
+        f"vocabulary mismatch: the tokenizer has {tokenizer_vocab} ids but {origin} has a "
+        f"word-embedding table of {cfg.vocab_size} (model.vocab_size); fine-tune with the "
+        "tokenizer the model was pretrained with (--config.tokenizer)")
+  padded = -(-tokenizer_vocab // 128) * 128
+  if cfg.vocab_size > padded:
+    raise ValueError(
+        f"vocabulary mismatch: {origin} has {cfg.vocab_size} word embeddings, more than the "
+        f"tokenizer's {tokenizer_vocab} padded to a multiple of 128 ({padded}): this is not "
+        "the tokenizer the model was pretrained with (--config.tokenizer)")
+  usable = cfg.max_position_embeddings - cfg.position_offset
+  if seq_len > usable:
+    raise ValueError(
+        f"data.seq_len={seq_len} is longer than the position table of {origin} "
+        f"({cfg.max_position_embeddings} positions"
+        f"{f', offset {cfg.position_offset}' if cfg.position_offset else ''}: at most "
+        f"{usable} tokens); lower --config.data.seq_len")
+
+
+def load_init(config: ml_collections.ConfigDict) -> Init:
+  workdir = os.path.abspath(config.init) if config.init else None
+  pre = None
+  if workdir:
+    if not os.path.isfile(os.path.join(workdir, run_config.CONFIG_FILE)):
+      raise FileNotFoundError(f"config.init={config.init!r} is not a bert-jax workdir (no "
+                              f"{run_config.CONFIG_FILE}); import a Hugging Face model first "
+                              "with `python -m launch.import_hf`")
+    pre = run_config.load(workdir)
+    fields = pre.model.to_dict()
+    origin = f"the checkpoint in {workdir}"
+  else:
+    from configs import pretrain
+    fields = pretrain.get_config(config.arch).model.to_dict()
+    origin = f"the {config.arch!r} architecture"
+  tok_path = _tokenizer_path(config, workdir, pre)
+  tok = tokenizer_lib.load_tokenizer(tok_path)
+  if not workdir:
+    fields["vocab_size"] = tok.vocab_size
+  cfg = _with_overrides(fields, config)
+  check_compatible(cfg, tok.vocab_size, int(config.data.seq_len), origin)
+  encoder = pooler = step = None
+  if workdir and config.init_weights:
+    want = None if config.init_step < 0 else int(config.init_step)
+    params, step = checkpoint_lib.restore_params(workdir, want, config.init_which)
+    if "encoder" not in params:
+      raise ValueError(f"the checkpoint of {workdir} has no 'encoder' parameters "
+                       f"(it has {sorted(params)})")
+    encoder = jax.tree.map(np.asarray, params["encoder"])
+    for name in POOLER_SOURCES:
+      node = params.get(name)
+      if isinstance(node, dict) and "pooler" in node:
+        pooler = jax.tree.map(np.asarray, node["pooler"])
+        break
+      if name == "pooler" and isinstance(node, dict) and "dense" in node:
+        pooler = jax.tree.map(np.asarray, node)
+        break
+    description = f"{workdir} step {step} ({config.init_which if want is None else 'given'})"
+  elif workdir:
+    description = f"random weights, architecture and tokenizer of {workdir}"
+  else:
+    description = f"random weights, architecture {config.arch!r}"
+  return Init(cfg, tok, tok_path, encoder, pooler, step, description)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) or hasattr(v, "items"):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_same_structure(restored: Any, expected: Any, what: str) -> None:
+  """Names and shapes of the restored tree must be the model's, else a clear error."""
+  got, want = _flat(restored), _flat(expected)
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  bad = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(want[k].shape)}"
+         for k in sorted(set(got) & set(want)) if tuple(got[k].shape) != tuple(want[k].shape)]
+  if missing or extra or bad:
+    parts = []
+    if missing:
+      parts.append(f"missing {missing[:5]}")
+    if extra:
+      parts.append(f"unexpected {extra[:5]}")
+    if bad:
+      parts.append("shape mismatch " + "; ".join(bad[:5]))
+    raise ValueError(f"{what} does not fit the model built from its config: "
+                     + ", ".join(parts))
