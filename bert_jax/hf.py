@@ -25,7 +25,6 @@ never imported here except to write a tokenizer for our own sentencepiece models
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -81,7 +80,8 @@ class Rule:
 
 
 def _linear(hf: str, ours: str, conv: str = "dense", bias_conv: str = "copy") -> tuple[Rule, ...]:
-  return (Rule(f"{hf}.weight", f"{ours}/kernel", conv), Rule(f"{hf}.bias", f"{ours}/bias", bias_conv))
+  return (Rule(f"{hf}.weight", f"{ours}/kernel", conv),
+          Rule(f"{hf}.bias", f"{ours}/bias", bias_conv))
 
 
 def _norm(hf: str, ours: str) -> tuple[Rule, ...]:
@@ -289,9 +289,48 @@ class Family:
   export_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # Which head group holds the pooler when the base model is exported.
   pair_group: str | None = None
+  # (ok(cfg), message) pairs: what an EncoderConfig needs to be written as this family.
+  export_checks: tuple[tuple[Callable[[EncoderConfig], bool], str], ...] = ()
+  # (cfg, HF config, HF state dict, architecture) -> None: last in-place adjustments.
+  export_fixup: Callable[..., None] | None = None
 
   def group(self, name: str) -> HeadGroup:
     return next(g for g in self.groups if g.name == name)
+
+
+# (ok(cfg), message formatted with c=cfg): what export needs.
+COMMON_CHECKS = (
+    (lambda c: not c.pre_layer_norm, "pre_layer_norm=True has no transformers equivalent"),
+    (lambda c: c.hidden_act in TO_HF_ACTIVATIONS, "hidden_act={c.hidden_act!r}"),
+)
+NO_SHARING = ((lambda c: c.num_layer_groups in (None, c.num_layers),
+               "num_layer_groups={c.num_layer_groups} (only ALBERT shares layers)"),)
+NOT_FACTORIZED = ((lambda c: c.embedding_size in (None, c.hidden_size),
+                   "embedding_size={c.embedding_size} (only ELECTRA and ALBERT factorize)"),)
+TOKEN_TYPES = ((lambda c: c.type_vocab_size > 0, "type_vocab_size=0 (the family has token "
+                "types)"),)
+POSITIONS_FROM_ZERO = ((lambda c: c.position_offset == 0,
+                        "position_offset={c.position_offset} (only RoBERTa offsets positions)"),)
+HEAD_ACT_IS_HIDDEN = ((lambda c: c.head_act in (None, c.hidden_act),
+                       "head_act={c.head_act!r} (the family's MLM head uses hidden_act)"),)
+HEAD_ACT_IS_GELU = ((lambda c: (c.head_act or c.hidden_act) == "gelu",
+                     "MLM head activation {c.head_act!r} (the family's head is always GELU)"),)
+
+
+def _roberta_fixup(cfg, hf_config, state, arch) -> None:
+  """HF counts positions from pad_token_id + 1 and puts padding at pad_token_id. Ours from
+  0 (the roberta preset) are shifted by pad + 1 rows (zeros below: padding only)."""
+  del arch
+  pad = hf_config.setdefault("pad_token_id", 1)
+  if cfg.position_offset == pad + 1:
+    return
+  if cfg.position_offset != 0:
+    raise UnsupportedError(f"cannot export to roberta: position_offset={cfg.position_offset} "
+                           f"but pad_token_id={pad} (HF counts positions from pad + 1)")
+  hf_config["max_position_embeddings"] = cfg.max_position_embeddings + pad + 1
+  key = next(k for k in state if k.endswith(POSITION.hf))
+  table = state[key]
+  state[key] = np.concatenate([np.zeros((pad + 1, table.shape[1]), table.dtype), table])
 
 
 def _bert_like_rules(cfg):
@@ -311,7 +350,9 @@ FAMILIES: dict[str, Family] = {
                        Architecture("BertModel", ("pooler",))),
         tied_aliases=("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
         export_defaults={"pad_token_id": 0, "position_embedding_type": "absolute"},
-        pair_group="nsp"),
+        pair_group="nsp",
+        export_checks=NO_SHARING + NOT_FACTORIZED + TOKEN_TYPES + POSITIONS_FROM_ZERO
+        + HEAD_ACT_IS_HIDDEN),
     "roberta": Family(
         "roberta", "roberta.", _with_defaults(BERT_CONFIG, layer_norm_eps=1e-12),
         _roberta_options, _bert_like_rules,
@@ -320,7 +361,9 @@ FAMILIES: dict[str, Family] = {
         architectures=(Architecture("RobertaForMaskedLM", ("mlm",)),
                        Architecture("RobertaModel", ("pooler",))),
         tied_aliases=("lm_head.decoder.weight", "lm_head.decoder.bias"),
-        export_defaults={"position_embedding_type": "absolute"}),
+        export_defaults={"position_embedding_type": "absolute"},
+        export_checks=NO_SHARING + NOT_FACTORIZED + TOKEN_TYPES + HEAD_ACT_IS_GELU,
+        export_fixup=_roberta_fixup),
     "electra": Family(
         "electra", "electra.", ELECTRA_CONFIG, _electra_options, _electra_rules,
         groups=(HeadGroup("rtd", "rtd", (
@@ -334,7 +377,8 @@ FAMILIES: dict[str, Family] = {
                        Architecture("ElectraForMaskedLM", ("mlm",)),
                        Architecture("ElectraModel", ())),
         tied_aliases=("generator_lm_head.weight",),
-        export_defaults={"pad_token_id": 0, "position_embedding_type": "absolute"}),
+        export_defaults={"pad_token_id": 0, "position_embedding_type": "absolute"},
+        export_checks=NO_SHARING + TOKEN_TYPES + POSITIONS_FROM_ZERO + HEAD_ACT_IS_GELU),
     "albert": Family(
         "albert", "albert.", ALBERT_CONFIG, _albert_options,
         lambda cfg: (WORD, POSITION, TOKEN_TYPE, *EMBED_NORM,
@@ -350,7 +394,10 @@ FAMILIES: dict[str, Family] = {
         export_defaults={"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,
                          "inner_group_num": 1, "position_embedding_type": "absolute",
                          "classifier_dropout_prob": 0.1},
-        pair_group="sop"),
+        pair_group="sop",
+        export_checks=TOKEN_TYPES + POSITIONS_FROM_ZERO + HEAD_ACT_IS_HIDDEN + (
+            (lambda c: c.embedding_size not in (None, c.hidden_size),
+             "embedding_size={c.embedding_size} (ALBERT projects a narrower embedding)"),)),
     "distilbert": Family(
         "distilbert", "distilbert.", DISTILBERT_CONFIG, _distilbert_options,
         lambda cfg: (WORD, POSITION, *EMBED_NORM, *DISTILBERT_LAYER),
@@ -358,7 +405,12 @@ FAMILIES: dict[str, Family] = {
         architectures=(Architecture("DistilBertForMaskedLM", ("mlm",)),
                        Architecture("DistilBertModel", ())),
         tied_aliases=("vocab_projector.weight",),
-        export_defaults={"pad_token_id": 0, "sinusoidal_pos_embds": False}),
+        export_defaults={"pad_token_id": 0, "sinusoidal_pos_embds": False},
+        export_checks=NO_SHARING + NOT_FACTORIZED + POSITIONS_FROM_ZERO + HEAD_ACT_IS_HIDDEN + (
+            (lambda c: c.type_vocab_size == 0, "type_vocab_size={c.type_vocab_size} "
+             "(DistilBERT has no token types)"),
+            (lambda c: c.layer_norm_eps == 1e-12, "layer_norm_eps={c.layer_norm_eps} "
+             "(DistilBERT's is fixed at 1e-12)"))),
 }
 
 # Buffers some checkpoints carry (position ids); never weights.
@@ -413,11 +465,6 @@ def hf_config_from_encoder(family: Family, cfg: EncoderConfig, architecture: str
     out[k] = FIELD_TO_HF.get(f, lambda c, f=f: getattr(c, f))(cfg)
   if special_ids:
     out.update({k: v for k, v in special_ids.items() if not base or k not in base})
-  if family.model_type == "roberta":
-    pad = out.get("pad_token_id", 1)
-    out["pad_token_id"] = pad
-    if cfg.position_offset == 0:  # our absolute positions, shifted into HF's numbering
-      out["max_position_embeddings"] = cfg.max_position_embeddings + pad + 1
   out["model_type"] = family.model_type
   out["architectures"] = [architecture]
   out.setdefault("tie_word_embeddings", True)
@@ -425,33 +472,9 @@ def hf_config_from_encoder(family: Family, cfg: EncoderConfig, architecture: str
 
 
 def _check_exportable(family: Family, cfg: EncoderConfig) -> None:
-  def need(ok, what):
-    if not ok:
-      raise UnsupportedError(f"cannot export to {family.model_type}: {what}")
-
-  need(not cfg.pre_layer_norm, "pre_layer_norm=True has no transformers equivalent")
-  need(cfg.hidden_act in TO_HF_ACTIVATIONS, f"hidden_act={cfg.hidden_act!r}")
-  expected_head = "gelu" if family.model_type in ("roberta", "electra") else cfg.hidden_act
-  need((cfg.head_act or cfg.hidden_act) == expected_head,
-       f"MLM head activation {cfg.head_act or cfg.hidden_act!r} (transformers uses "
-       f"{expected_head!r})")
-  if family.model_type == "albert":
-    need(cfg.embedding_size not in (None, cfg.hidden_size),
-         "ALBERT needs embedding_size != hidden_size")
-  else:
-    need(cfg.num_layer_groups in (None, cfg.num_layers),
-         f"num_layer_groups={cfg.num_layer_groups} (only ALBERT shares layers)")
-  if family.model_type not in ("electra", "albert"):
-    need(cfg.embedding_size in (None, cfg.hidden_size),
-         f"embedding_size={cfg.embedding_size} (only ELECTRA and ALBERT factorize)")
-  if family.model_type == "distilbert":
-    need(cfg.type_vocab_size == 0, f"type_vocab_size={cfg.type_vocab_size} (DistilBERT has "
-         "no token types)")
-    need(cfg.layer_norm_eps == 1e-12, "DistilBERT's LayerNorm eps is fixed at 1e-12")
-  else:
-    need(cfg.type_vocab_size > 0, "type_vocab_size=0 (this family has token types)")
-  if family.model_type != "roberta":
-    need(cfg.position_offset == 0, f"position_offset={cfg.position_offset} (only RoBERTa)")
+  wrong = [msg.format(c=cfg) for ok, msg in COMMON_CHECKS + family.export_checks if not ok(cfg)]
+  if wrong:
+    raise UnsupportedError(f"cannot export to {family.model_type}: {'; '.join(wrong)}")
 
 
 # --------------------------------------------------------------------------- reading
@@ -764,13 +787,6 @@ def export_state_dict(family_name: str, cfg: EncoderConfig, params: Mapping[str,
   return out, arch
 
 
-def _shift_positions_for_roberta(state: dict[str, np.ndarray], prefix: str, pad: int) -> None:
-  """Our absolute positions 0.. -> HF's pad+1..; rows up to pad are zeros (padding only)."""
-  key = prefix + POSITION.hf
-  table = state[key]
-  state[key] = np.concatenate([np.zeros((pad + 1, table.shape[1]), table.dtype), table])
-
-
 def save_pretrained(out_dir: str, family_name: str, cfg: EncoderConfig,
                     params: Mapping[str, Any], *, heads_mode: str = "auto",
                     base_config: Mapping[str, Any] | None = None,
@@ -781,12 +797,8 @@ def save_pretrained(out_dir: str, family_name: str, cfg: EncoderConfig,
   family = get_family(family_name)
   state, arch = export_state_dict(family_name, cfg, params, heads_mode)
   hf_config = hf_config_from_encoder(family, cfg, arch.cls, base_config, special_ids)
-  if family.model_type == "roberta" and cfg.position_offset == 0:
-    _shift_positions_for_roberta(state, family.prefix, hf_config["pad_token_id"])
-  elif family.model_type == "roberta" and cfg.position_offset != hf_config["pad_token_id"] + 1:
-    raise UnsupportedError(f"cannot export to roberta: position_offset={cfg.position_offset} "
-                           f"but pad_token_id={hf_config['pad_token_id']} (HF counts positions "
-                           "from pad_token_id + 1)")
+  if family.export_fixup:
+    family.export_fixup(cfg, hf_config, state, arch)
   os.makedirs(out_dir, exist_ok=True)
   save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -831,7 +843,8 @@ def sentencepiece_to_hf(model_file: str, out_dir: str, *, model_max_length: int 
   names = {i: sp.id_to_piece(i) for i in range(sp.get_piece_size())}
   find = lambda *c: next((p for p in c if p in names.values()), None)  # noqa: E731
   special = {"pad_token": find("[PAD]", "<pad>"), "unk_token": find("[UNK]", "<unk>"),
-             "cls_token": find("[CLS]", "<cls>", "<s>"), "sep_token": find("[SEP]", "<sep>", "</s>"),
+             "cls_token": find("[CLS]", "<cls>", "<s>"),
+             "sep_token": find("[SEP]", "<sep>", "</s>"),
              "mask_token": find("[MASK]", "<mask>")}
   missing = [k for k, v in special.items() if v is None]
   if missing:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -50,6 +51,14 @@ class Setup:
   objectives: tuple[objectives_lib.WeightedObjective, ...]
   tx: optax.GradientTransformation
   grad_accum: int = 1
+  nan_policy: str = "stop"  # stop | skip (drop the update of a non-finite step, count it)
+
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced a non-finite loss or gradient (nan_policy="stop")."""
 
 
 def special_ids(tokenizer: Any) -> SpecialIds:
@@ -75,7 +84,10 @@ def build_setup(config: ml_collections.ConfigDict, special: SpecialIds,
   weighted = objectives_lib.build(config, special)
   model = PretrainModel(encoder_cfg, tuple(w.objective for w in weighted))
   tx = optim.make_optimizer(config.optim, total_steps or config.train.steps)
-  return Setup(model, weighted, tx, int(config.train.grad_accum))
+  if config.train.nan_policy not in NAN_POLICIES:
+    raise ValueError(f"train.nan_policy: {config.train.nan_policy!r} is not one of "
+                     f"{NAN_POLICIES}")
+  return Setup(model, weighted, tx, int(config.train.grad_accum), config.train.nan_policy)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -125,7 +137,15 @@ def train_step(state: TrainState, batch: Batch, setup: Setup) -> tuple[TrainStat
     grads = jax.tree.map(lambda g: g / k, grads)
   updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
+  grad_norm = optax.tree.norm(grads)
+  one = jnp.ones((), jnp.float32)
+  # Checked on device, reported by the host at logging time: no host sync per step.
+  finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
+  metrics["grad_norm"] = (grad_norm, one)
+  metrics["nonfinite_steps"] = (jnp.where(finite, 0.0, 1.0), one)
+  if setup.nan_policy == "skip":
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
@@ -305,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending: list[dict] = []
   rate = 0.0
   t_start = time.perf_counter()
+  preempted = {"signal": 0}
+  previous_handler = _on_sigterm(preempted)
   try:
     last = tc.steps if stop_after is None else min(tc.steps, stop_after)
     for step in range(start + 1, last + 1):
@@ -312,7 +334,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       with sharding.activate(mesh, rules):
         state, m = p_train(state, batch)
       pending.append(m)
-      if step % tc.log_every == 0 or step == tc.steps:
+      if preempted["signal"] or step % tc.checkpoint_every == 0:
+        _check_finite(pending, step, setup.nan_policy)
+      if step % tc.log_every == 0 or step == last:
+        _check_finite(pending, step, setup.nan_policy)
         values = metrics_lib.reduce_metrics(pending)
         pending = []
         rate = progress.update(step, values["loss"])
@@ -322,10 +347,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_eval = evaluate(state.params)
         writer.write(step, "eval", last_eval)
         progress.write(_format("eval", step, last_eval))
-      if step % tc.checkpoint_every == 0 or step == last:
-        ckpt.save(step, state, data_iter,
+      if step % tc.checkpoint_every == 0 or step == last or preempted["signal"]:
+        _check_finite(pending, step, setup.nan_policy)
+        ckpt.save(step, state, data_iter, force=bool(preempted["signal"]),
                   metrics={"eval/loss": last_eval["loss"]} if last_eval else None)
+      if preempted["signal"]:
+        progress.write(f"received signal {preempted['signal']}: checkpointed step {step}, "
+                       "exiting; relaunch the same command to resume")
+        break
   finally:
+    signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     ckpt.close()
     writer.close()
@@ -336,6 +367,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       workdir=workdir, steps=tc.steps, first_eval=first_eval, last_eval=last_eval,
       checkpoint_dir=ckpt.directory, metrics_file=writer.path, plot=plot,
       tokens_per_second=done * tokens_per_step / elapsed if elapsed > 0 else 0.0)
+
+
+def _on_sigterm(flag: dict):
+  """SIGTERM (preemption) sets a flag; the loop checkpoints after the current step."""
+  def handler(signum, frame):
+    del frame
+    flag["signal"] = signum
+  try:
+    return signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread: leave signals alone
+    return signal.getsignal(signal.SIGTERM)
+
+
+def _check_finite(pending: list[dict], step: int, policy: str) -> None:
+  """Raises NonFiniteError naming the first bad step and objective (policy "stop")."""
+  if policy != "stop" or not pending:
+    return
+  flags = jax.device_get([m["nonfinite_steps"][0] for m in pending])
+  bad = [i for i, f in enumerate(flags) if f > 0]
+  if not bad:
+    return
+  m = jax.device_get(pending[bad[0]])
+  losses = {k[:-len("/loss")]: float(v[0]) / max(float(v[1]), 1.0)
+            for k, v in m.items() if k.endswith("/loss")}
+  culprits = [k for k, v in losses.items() if not np.isfinite(v)] or ["gradient"]
+  raise NonFiniteError(
+      f"non-finite loss or gradient at step {step - len(pending) + 1 + bad[0]} "
+      f"(from {', '.join(culprits)}; losses {losses}); the last checkpoint is untouched. "
+      "Lower the learning rate, or set --config.train.nan_policy=skip to drop such updates.")
 
 
 def with_epoch(batch: Batch) -> Batch:

@@ -16,7 +16,6 @@ SIZES = {
     "small": (4, 512, 8, 2048, 128, 128, 100_000, 5e-4, 10_000),
     "base": (12, 768, 12, 3072, 256, 512, 1_000_000, 1e-4, 10_000),
 }
-FAMILIES = ("bert", "roberta")
 
 
 def encoder_fields(size: str) -> ml_collections.ConfigDict:
@@ -52,7 +51,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
       num_threads=0, cache_dir=""))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=batch, steps=steps, grad_accum=1, log_every=20, eval_every=200,
-      eval_batches=8, checkpoint_every=200, keep=3, keep_best=True, async_checkpoint=True))
+      eval_batches=8, checkpoint_every=200, keep=3, keep_best=True, async_checkpoint=True,
+      nan_policy="stop"))
   c.optim = ml_collections.ConfigDict(dict(
       lr=lr, warmup_steps=warmup, schedule="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999,
       eps=1e-6, weight_decay=0.01, clip_norm=1.0))
@@ -64,8 +64,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 
 
 def bert(c: ml_collections.ConfigDict) -> None:
-  """BERT: MLM (80/10/10, 15%) on sentence-packed sequences, post-LN, token types."""
+  """BERT: MLM (80/10/10, 15%) + NSP on segment pairs, post-LN, token types.
+
+  BERT masked statically (dupe_factor=10 copies made offline): --config.mlm.static=True.
+  """
   c.family = "bert"
+  c.objectives = "mlm:1.0,nsp:1.0"
 
 
 def roberta(c: ml_collections.ConfigDict) -> None:
@@ -79,7 +83,20 @@ def roberta(c: ml_collections.ConfigDict) -> None:
   c.optim.b2 = 0.98
 
 
-PRESETS = {"bert": bert, "roberta": roberta}
+def albert(c: ml_collections.ConfigDict) -> None:
+  """ALBERT: n-gram MLM (n<=3, p(n) ~ 1/n) + SOP; factorized embeddings, all layers shared."""
+  c.family = "albert"
+  c.objectives = "mlm:1.0,sop:1.0"
+  c.mlm.span = "ngram"
+  c.mlm.max_ngram = 3
+  c.model.embedding_size = min(128, c.model.hidden_size // 2)
+  c.model.num_layer_groups = 1
+  c.model.hidden_act = "gelu_new"
+  c.model.hidden_dropout = 0.0  # ALBERT v2 dropped dropout
+  c.model.attention_dropout = 0.0
+
+
+PRESETS = {"bert": bert, "roberta": roberta, "albert": albert}
 
 
 def get_config(arg: str = "bert,tiny") -> ml_collections.ConfigDict:

@@ -34,6 +34,7 @@ def tiny_config(tokenizer_path: str, cache_dir: str | None = None, **overrides):
   """The bert,tiny preset shrunk for tests: 2 layers of width 32, vocab 512, length 64."""
   from configs.pretrain import get_config
   c = get_config("bert,tiny")
+  c.objectives = "mlm:1.0"
   c.model.update(dict(vocab_size=512, hidden_size=32, num_heads=4, intermediate_size=64,
                       num_layers=2, max_position_embeddings=64))
   c.data.update(dict(seq_len=64, tokenizer=tokenizer_path, vocab_size=512))
@@ -44,6 +45,9 @@ def tiny_config(tokenizer_path: str, cache_dir: str | None = None, **overrides):
                       checkpoint_every=2, async_checkpoint=False))
   c.optim.warmup_steps = 1
   for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
+    if "__" in key:
+      section, field = key.split("__")
+      c[section][field] = value
+    else:
+      c[key] = value
   return c

@@ -7,11 +7,9 @@ their trivial initial values. The batch has padding and two segments.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -110,7 +108,7 @@ def test_parity_and_round_trip(name, tmp_path):
 
   imported = hf.load(src)
   assert imported.architecture == cls_name
-  ours = jax.jit(imported.model.apply)({"params": imported.params}, ids, segments, mask)
+  ours = imported.model.apply({"params": imported.params}, ids, segments, mask)
 
   # Every layer's hidden states (embedding output first), the last one, every head.
   hidden_ref = ref.hidden_states if hasattr(ref, "hidden_states") else None
@@ -130,8 +128,7 @@ def test_parity_and_round_trip(name, tmp_path):
 
   # The encoder alone, as from_pretrained returns it.
   encoder, params = hf.from_pretrained(src)
-  final = jax.jit(functools.partial(encoder.apply, deterministic=True))(
-      {"params": params}, ids, segments, mask)
+  final = encoder.apply({"params": params}, ids, segments, mask, deterministic=True)
   assert max_diff(final["hidden_states"], hidden_ref[-1]) < TOL
 
   # Export gives back the same tensors, bit for bit, and loads cleanly in transformers.
@@ -235,3 +232,14 @@ def test_unsupported_config_option(tmp_path):
     json.dump(config, f)
   with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
     hf.load(src)
+
+
+def test_unexportable_encoder_options_are_named():
+  from bert_jax.encoder import EncoderConfig
+  cfg = EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                      intermediate_size=64, pre_layer_norm=True, num_layer_groups=1)
+  with pytest.raises(ValueError, match=r"cannot export to bert: pre_layer_norm=True.*"
+                                       r"num_layer_groups=1 \(only ALBERT"):
+    hf.export_state_dict("bert", cfg, {})
+  with pytest.raises(ValueError, match="type_vocab_size=2 .DistilBERT has no token types"):
+    hf.export_state_dict("distilbert", EncoderConfig(), {})

@@ -64,7 +64,8 @@ def test_import_and_export_clis_with_wordpiece_tokenizer(tmp_path):
 
   r = run_module("launch.export_hf", f"--workdir={wd}", f"--out={out}")
   assert "BertForPreTraining" in r.stdout
-  before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+  before = load_file(str(src / "model.safetensors"))
+  after = load_file(str(out / "model.safetensors"))
   assert sorted(before) == sorted(after)
   assert all(np.array_equal(before[k], after[k]) for k in before)
   a = transformers.AutoTokenizer.from_pretrained(str(src))
@@ -100,8 +101,11 @@ def check_tokenizer_round_trip(tok, out_dir):
   auto = transformers.AutoTokenizer.from_pretrained(out_dir)
   assert (auto.pad_token_id, auto.unk_token_id, auto.cls_token_id, auto.sep_token_id,
           auto.mask_token_id) == (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id)
-  for s in SENTENCES:
-    assert auto(s)["input_ids"] == [tok.cls_id, *tok.encode(s), tok.sep_id]
+  from bert_jax.data import bundled
+  docs, _ = bundled.read_documents(bundled.corpus_path("validation"))
+  texts = SENTENCES + [s for d in docs[:20] for s in d][:300]
+  for text, ids in zip(texts, auto(texts)["input_ids"], strict=True):
+    assert ids == [tok.cls_id, *tok.encode(text), tok.sep_id], text
   pair = auto(SENTENCES[0], SENTENCES[1])
   assert pair["input_ids"] == [tok.cls_id, *tok.encode(SENTENCES[0]), tok.sep_id,
                                *tok.encode(SENTENCES[1]), tok.sep_id]
@@ -173,7 +177,7 @@ def test_own_roberta_checkpoint_exports_with_shifted_positions(tmp_path, bundled
   assert hf_model.config.pad_token_id == 0
   assert hf_model.config.max_position_embeddings == cfg.max_position_embeddings + 1
 
-  ours = jax.jit(model.apply)({"params": params}, ids, None, mask)
+  ours = model.apply({"params": params}, ids, None, mask)
   final = ours["hidden_states"]
   with torch.no_grad():
     ref = hf_model.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),

@@ -154,6 +154,32 @@ def build(config, init: restore.Init, n_out: int, total_steps: int):
                      int(config.train.grad_accum))
 
 
+def dummy_batch(kind: str, n_out: int, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+  """A batch of the task's shapes (for initialisation)."""
+  shape = (batch_size, n_out, seq_len) if kind == "multiple_choice" else (batch_size, seq_len)
+  b = {"input_ids": np.full(shape, 5, np.int32), "segment_ids": np.zeros(shape, np.int32),
+       "attention_mask": np.ones(shape, np.int32),
+       "example_weight": np.ones((batch_size,), np.float32)}
+  if kind == "regression":
+    b["label"] = np.zeros((batch_size,), np.float32)
+  elif kind in ("classification", "multiple_choice"):
+    b["label"] = np.zeros((batch_size,), np.int32)
+  elif kind == "tagging":
+    b["token_labels"] = np.zeros((batch_size, seq_len), np.int32)
+  elif kind == "qa":
+    b["start_position"] = np.zeros((batch_size,), np.int32)
+    b["end_position"] = np.zeros((batch_size,), np.int32)
+  return b
+
+
+def initial_state(config, init: restore.Init, setup, sample, mesh, rules):
+  """(state, shardings): fresh task head (and fresh layers where asked), init's encoder."""
+  state, shardings = train.init_state(setup, config.seed, sample, mesh, rules)
+  if init.encoder_params is not None:
+    state = load_pretrained(state, shardings, setup, init, config, mesh, rules)
+  return state, shardings
+
+
 def load_pretrained(state, shardings, setup, init: restore.Init, config, mesh, rules):
   """The freshly initialised state with init's encoder (and pooler) in place, the top
   `reinit_layers` layer modules kept at their fresh values."""
@@ -252,7 +278,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
                                     config.data.dynamic_padding)
     return batching.collate(chosen, length, batch_size, pad_id)
 
-  sample = make_batch(train_split.feats.features, [0], divisor)
+  sample = dummy_batch(kind, n_out, divisor, seq_len)
   abstract, shardings = train.state_shardings(setup, config.seed, sample, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, keep_best=False, async_save=False)
@@ -270,9 +296,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
         track.update(json.load(f))
     logging.info("resumed from step %d", start)
   else:
-    state, _ = train.init_state(setup, config.seed, sample, mesh, rules)
-    if init.encoder_params is not None:
-      state = load_pretrained(state, shardings, setup, init, config, mesh, rules)
+    state, _ = initial_state(config, init, setup, sample, mesh, rules)
     start = 0
 
   with sharding.activate(mesh, rules):

@@ -225,7 +225,7 @@ def _records(kind: str, task: ml_collections.ConfigDict, rows: Iterable[dict[str
         skipped["unknown tag"] += 1
         continue
       if len(tags) != len(tokens):
-        skipped["tokens and tags of different lengths (cut to the shorter)"] += 1
+        skipped["tokens and tags of different lengths (kept, cut to the shorter)"] += 1
         n = min(len(tags), len(tokens))
         tokens, tags = tokens[:n], tags[:n]
       if not tokens:

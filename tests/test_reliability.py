@@ -1,0 +1,60 @@
+"""Faults injected into the loop: non-finite losses (stop / skip) and preemption."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import train
+from tests.conftest import tiny_config
+from tests.test_train import SPECIAL, random_batch
+
+
+def poison(monkeypatch, when=lambda batch: True):
+  """Makes the MLM loss NaN for batches where `when(batch)` holds (traced)."""
+  real = train.compute_loss
+
+  def poisoned(params, setup, batch, key, deterministic):
+    loss, metrics = real(params, setup, batch, key, deterministic)
+    bad = when(batch)
+    nan = jnp.where(bad, jnp.nan, 1.0)
+    metrics["mlm/loss"] = (metrics["mlm/loss"][0] * nan, metrics["mlm/loss"][1])
+    return loss * nan, dict(metrics, loss=(metrics["loss"][0] * nan, metrics["loss"][1]))
+
+  monkeypatch.setattr(train, "compute_loss", poisoned)
+
+
+def test_skip_policy_drops_the_update(monkeypatch):
+  poison(monkeypatch)
+  c = tiny_config("unused", train__nan_policy="skip")
+  setup = train.build_setup(c, SPECIAL)
+  state = train._init_boxed(setup, 0, train.dummy_batch(16, 64, "single"))
+  import flax.linen as nn
+  state = nn.meta.unbox(state)
+  batch = jax.tree.map(jnp.asarray, random_batch(0))
+  new, m = jax.jit(lambda s, b: train.train_step(s, b, setup))(state, batch)
+  assert float(m["nonfinite_steps"][0]) == 1.0
+  assert int(new.step) == 1
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stop_policy_names_step_and_objective_and_keeps_checkpoint(
+    monkeypatch, tmp_path, bundled_tokenizer):
+  c = tiny_config(bundled_tokenizer, str(tmp_path / "cache"), train__steps=4,
+                  train__checkpoint_every=2)
+  wd = str(tmp_path / "w")
+  train.train_and_evaluate(c, wd, stop_after=2)
+  params_before, step = checkpoint_lib.restore_params(wd)
+  assert step == 2
+  poison(monkeypatch)
+  with pytest.raises(train.NonFiniteError, match=r"step 3 \(from mlm"):
+    train.train_and_evaluate(c, wd)
+  params_after, step = checkpoint_lib.restore_params(wd)
+  assert step == 2  # no checkpoint of the poisoned state
+  for a, b in zip(jax.tree.leaves(params_after), jax.tree.leaves(params_before)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
