@@ -304,11 +304,16 @@ class Embeddings(nn.Module):
     return self.position_embeddings(position_ids)
 
   def __call__(self, input_ids, segment_ids, position_ids, *, deterministic: bool) -> Array:
+    return self.project(self.embed(input_ids, segment_ids, position_ids,
+                                   deterministic=deterministic))
+
+  def embed(self, input_ids, segment_ids, position_ids, *, deterministic: bool) -> Array:
+    """Tables + LayerNorm + dropout, before the projection: the part ELECTRA's generator
+    shares with its discriminator."""
     x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
     if self.cfg.type_vocab_size > 0:
       x = x + self.token_type_embeddings(segment_ids)
-    x = self.dropout(self.layer_norm(x), deterministic=deterministic)
-    return self.project(x)
+    return self.dropout(self.layer_norm(x), deterministic=deterministic)
 
   def project(self, x: Array) -> Array:
     if self.cfg.embed_size != self.cfg.hidden_size:
@@ -322,6 +327,9 @@ class Embeddings(nn.Module):
 
 class Encoder(nn.Module):
   """Ids -> hidden states; optionally every layer's states, attention maps and a query stream.
+
+  `inputs_embeds` ([B, L, embed_size], before the projection) replaces the embedding
+  lookup, for towers that share another encoder's tables (ELECTRA's generator).
 
   Returns a dict with "hidden_states" [B, L, H], and on request "all_hidden_states" (the
   embedding output then each layer's output), "attentions" (each layer's [B, heads, L, L]
@@ -350,7 +358,8 @@ class Encoder(nn.Module):
                attention_mask: Array | None = None, *, position_ids: Array | None = None,
                deterministic: bool = True, query_states: Array | None = None,
                query_mask: Array | None = None, output_hidden_states: bool = False,
-               output_attentions: bool = False) -> dict[str, Any]:
+               output_attentions: bool = False,
+               inputs_embeds: Array | None = None) -> dict[str, Any]:
     cfg = self.cfg
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -359,7 +368,10 @@ class Encoder(nn.Module):
       segment_ids = jnp.zeros_like(input_ids)
     if position_ids is None:
       position_ids = self.embeddings.position_ids(padding)
-    x = self.embeddings(input_ids, segment_ids, position_ids, deterministic=deterministic)
+    if inputs_embeds is None:
+      x = self.embeddings(input_ids, segment_ids, position_ids, deterministic=deterministic)
+    else:  # embeddings computed elsewhere (shared tables): only this tower's projection
+      x = self.embeddings.project(inputs_embeds)
     x = nn.with_logical_constraint(x.astype(DTYPES[cfg.dtype]), ("batch", "length", "embed"))
     mask = _as_4d_mask(attention_mask)
     qmask = None if query_states is None else _as_4d_mask(query_mask)

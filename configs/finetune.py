@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_pooler = True  # reuse the NSP/SOP (or imported) pooler when there is one
   c.arch = "bert,tiny"  # configs/pretrain.py preset, used when init = ""
   c.tokenizer = ""  # default: the one saved with init
-  c.reinit_layers = 0  # re-initialise the top k layer modules (and the pooler)
+  c.reinit_layers = 0  # re-initialise the top k layer modules (init_pooler=False: pooler too)
   # EncoderConfig fields that fine-tuning may change; None keeps the checkpoint's.
   c.model = ml_collections.ConfigDict(dict(
       hidden_dropout=config_dict.placeholder(float),

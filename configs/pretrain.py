@@ -43,6 +43,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
       rate=0.15, max_predictions=max(20, round(seq * 0.15 + 0.5)), mask_prob=0.8,
       random_prob=0.1, whole_word=False, span="none", max_ngram=3, span_p=0.2, max_span=10,
       static=False, dupe_factor=10, predict_all=False))
+  # ELECTRA: masking 15% with 85% [MASK] / 15% kept, generator at 1/4 width, loss
+  # gen_weight * MLM + disc_weight * discriminator.
+  c.rtd = ml_collections.ConfigDict(dict(
+      rate=0.15, max_predictions=c.mlm.max_predictions, mask_prob=0.85, random_prob=0.0,
+      generator_size=0.25, generator_layers=0, temperature=1.0, gen_weight=1.0,
+      disc_weight=50.0))
   c.data = ml_collections.ConfigDict(dict(
       source="bundled", train_files="", eval_files="", text_format="sentences",
       tfds_name="", tfds_data_dir="", tfds_text_key="text", train_split="train",
@@ -96,7 +102,26 @@ def albert(c: ml_collections.ConfigDict) -> None:
   c.model.attention_dropout = 0.0
 
 
-PRESETS = {"bert": bert, "roberta": roberta, "albert": albert}
+def electra(c: ml_collections.ConfigDict) -> None:
+  """ELECTRA: replaced-token detection; factorized embeddings shared with a 1/4 generator.
+
+  small = ELECTRA-Small (H256, L12, 4 heads, FFN 1024, E128, seq 128, batch 128, lr 5e-4,
+  10k warmup); tiny shrinks it for CI.
+  """
+  c.family = "electra"
+  c.objectives = "rtd:1.0"
+  if c.size == "small":
+    c.model.update(dict(hidden_size=256, num_layers=12, num_heads=4, intermediate_size=1024))
+    c.optim.update(dict(lr=5e-4, warmup_steps=10_000))
+    c.train.steps = 1_000_000
+  c.model.embedding_size = 128 if c.size != "tiny" else 64
+  if c.size == "base":
+    c.model.embedding_size = 768
+    c.optim.lr = 2e-4
+  c.optim.weight_decay = 0.01
+
+
+PRESETS = {"bert": bert, "roberta": roberta, "albert": albert, "electra": electra}
 
 
 def get_config(arg: str = "bert,tiny") -> ml_collections.ConfigDict:

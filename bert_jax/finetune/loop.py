@@ -193,7 +193,7 @@ def load_pretrained(state, shardings, setup, init: restore.Init, config, mesh, r
   for i in range(n_modules - k, n_modules):
     encoder[f"layer_{i}"] = params["encoder"][f"layer_{i}"]
   new = dict(params, encoder=jax.device_put(encoder, shardings.params["encoder"]))
-  if (init.pooler_params is not None and config.init_pooler and k == 0
+  if (init.pooler_params is not None and config.init_pooler
       and config.task.kind in POOLED_KINDS):
     task_params = dict(params["task"])
     restore.check_same_structure(init.pooler_params, task_params["pooler"],

@@ -1,0 +1,149 @@
+"""Replaced-token detection (ELECTRA): a small MLM generator corrupts, the encoder detects.
+
+The generator is our Encoder at `generator_size` of the discriminator's width (same depth
+by default), reading the discriminator's embedding tables and embedding LayerNorm (each
+tower projects to its own width when the sizes differ) and decoding through the same tied
+word embeddings. Replacements are sampled from its softmax by Gumbel-max under
+stop_gradient, so the discriminator loss never reaches the generator through the samples.
+The discriminator is the shared "encoder": fine-tuning and export load it like any encoder.
+
+Parameters: params["encoder"] (discriminator + shared tables), params["rtd"]["generator"],
+params["rtd"]["generator_head"], params["rtd"]["discriminator_head"].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import objectives
+from bert_jax import heads
+from bert_jax.encoder import Encoder, EncoderConfig
+from objectives.base import Objective, SpecialIds
+from objectives.masking import MaskingConfig, mask_batch
+from objectives.mlm import masked_lm_loss
+
+
+def generator_config(disc: EncoderConfig, size: float, layers: int | None) -> EncoderConfig:
+  """ELECTRA's generator: hidden, heads and FFN scaled by `size`, the same embedding width."""
+  if not 0 < size <= 1:
+    raise ValueError(f"rtd.generator_size must be in (0, 1], got {size}")
+  heads_ = max(1, round(disc.num_heads * size))
+  hidden = max(heads_, round(disc.hidden_size * size / heads_) * heads_)
+  return dataclasses.replace(
+      disc, hidden_size=hidden, num_heads=heads_,
+      intermediate_size=max(1, round(disc.intermediate_size * size)),
+      num_layers=layers or disc.num_layers, embedding_size=disc.embed_size,
+      num_layer_groups=None)
+
+
+def gumbel_sample(key, logits, temperature: float):
+  """argmax(logits / T + Gumbel noise): a sample from softmax(logits / T)."""
+  u = jax.random.uniform(key, logits.shape, jnp.float32, minval=1e-9, maxval=1.0)
+  return jnp.argmax(logits / temperature - jnp.log(-jnp.log(u)), axis=-1).astype(jnp.int32)
+
+
+class RTDModule(nn.Module):
+  disc_cfg: EncoderConfig
+  gen_cfg: EncoderConfig
+  temperature: float
+
+  @nn.compact
+  def __call__(self, encoded, batch, encoder: Encoder, *, deterministic: bool):
+    del encoded
+    ids, seg, mask = batch["input_ids"], batch.get("segment_ids"), batch["attention_mask"]
+    seg = jnp.zeros_like(ids) if seg is None else seg
+    positions = encoder.embeddings.position_ids(mask)
+    shared = encoder.embeddings.embed(ids, seg, positions, deterministic=deterministic)
+    gen = Encoder(self.gen_cfg, name="generator")(
+        ids, seg, mask, inputs_embeds=shared, deterministic=deterministic)
+    gen_logits = heads.MLMHead(self.gen_cfg, name="generator_head")(
+        heads.gather_positions(gen["hidden_states"], batch["mlm_positions"]), encoder)
+
+    keys = jax.vmap(jax.random.wrap_key_data)(batch["rtd_sample_keys"])
+    sampled = jax.vmap(gumbel_sample, in_axes=(0, 0, None))(
+        keys, jax.lax.stop_gradient(gen_logits), self.temperature)
+    original = batch["original_ids"]
+    rows = jnp.arange(ids.shape[0])[:, None]
+    replace = batch["mlm_weights"] > 0
+    current = original[rows, batch["mlm_positions"]]
+    disc_ids = original.at[rows, batch["mlm_positions"]].set(
+        jnp.where(replace, sampled, current))
+    # A correct guess by the generator counts as original.
+    labels = ((disc_ids != original) & (mask > 0)).astype(jnp.int32)
+    hidden = encoder(disc_ids, seg, mask, deterministic=deterministic)["hidden_states"]
+    disc_logits = heads.DiscriminatorHead(self.disc_cfg, name="discriminator_head")(hidden)
+    return {"generator_logits": gen_logits, "discriminator_logits": disc_logits,
+            "labels": labels, "disc_ids": disc_ids}
+
+
+def discriminator_loss(logits_BxL, labels_BxL, mask_BxL):
+  """Sigmoid CE over non-pad tokens (mean), plus accuracy/precision/recall as (sum, count)."""
+  w = (mask_BxL > 0).astype(jnp.float32)
+  y = labels_BxL.astype(jnp.float32)
+  ce = jnp.maximum(logits_BxL, 0) - logits_BxL * y + jnp.log1p(jnp.exp(-jnp.abs(logits_BxL)))
+  n = jnp.sum(w)
+  pred = (logits_BxL > 0).astype(jnp.float32)
+  tp = jnp.sum(pred * y * w)
+  return jnp.sum(ce * w) / (n + 1e-6), {
+      "disc_loss": heads.metric(jnp.sum(ce * w), n),
+      "disc_accuracy": heads.metric(jnp.sum((pred == y) * w), n),
+      "disc_precision": heads.metric(tp, jnp.sum(pred * w)),
+      "disc_recall": heads.metric(tp, jnp.sum(y * w)),
+      "replaced_fraction": heads.metric(jnp.sum(y * w), n),
+  }
+
+
+@objectives.register
+@dataclasses.dataclass(frozen=True)
+class ReplacedTokenDetection(Objective):
+  name = "rtd"
+  uses_shared_forward = False
+
+  masking: MaskingConfig
+  special: SpecialIds
+  generator_size: float = 0.25
+  generator_layers: int | None = None
+  temperature: float = 1.0
+  gen_weight: float = 1.0
+  disc_weight: float = 50.0
+
+  @classmethod
+  def from_config(cls, config, special):
+    c = config.rtd
+    masking = MaskingConfig(rate=c.rate, max_predictions=c.max_predictions,
+                            mask_prob=c.mask_prob, random_prob=c.random_prob)
+    if c.temperature <= 0:
+      raise ValueError(f"rtd.temperature must be positive, got {c.temperature}")
+    return cls(masking=masking, special=special, generator_size=c.generator_size,
+               generator_layers=c.generator_layers or None, temperature=c.temperature,
+               gen_weight=c.gen_weight, disc_weight=c.disc_weight)
+
+  def corrupt(self, batch, key):
+    mask_key, sample_key = jax.random.split(key)
+    per_example = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(batch["example_id"])  # noqa: E731
+    masked = mask_batch(per_example(mask_key), batch["input_ids"], batch["word_ids"],
+                        batch["attention_mask"], self.masking, mask_id=self.special.mask,
+                        first_regular_id=self.special.first_regular,
+                        vocab_size=self.special.vocab_size)
+    out = dict(batch, original_ids=batch["input_ids"])
+    out.update(masked)
+    out["rtd_sample_keys"] = jax.vmap(jax.random.key_data)(per_example(sample_key))
+    return out
+
+  def head(self, encoder_config, name):
+    gen = generator_config(encoder_config, self.generator_size, self.generator_layers)
+    return RTDModule(encoder_config, gen, self.temperature, name=name)
+
+  def loss(self, outputs, batch):
+    gen_loss, gen_metrics = masked_lm_loss(outputs["generator_logits"], batch["mlm_ids"],
+                                           batch["mlm_weights"])
+    disc_loss, metrics = discriminator_loss(outputs["discriminator_logits"], outputs["labels"],
+                                            batch["attention_mask"])
+    metrics["gen_loss"] = gen_metrics["loss"]
+    metrics["gen_accuracy"] = gen_metrics["accuracy"]
+    return self.gen_weight * gen_loss + self.disc_weight * disc_loss, metrics
