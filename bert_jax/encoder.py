@@ -310,7 +310,13 @@ class Embeddings(nn.Module):
   def embed(self, input_ids, segment_ids, position_ids, *, deterministic: bool) -> Array:
     """Tables + LayerNorm + dropout, before the projection: the part ELECTRA's generator
     shares with its discriminator."""
-    x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+    return self.embed_vectors(self.word_embeddings(input_ids), segment_ids, position_ids,
+                              deterministic=deterministic)
+
+  def embed_vectors(self, vectors, segment_ids, position_ids, *, deterministic: bool) -> Array:
+    """`embed` with the word vectors given ([.., embed_size]): e.g. a two-stream query
+    stream that starts from a learned mask embedding plus its position's encodings."""
+    x = vectors.astype(DTYPES[self.cfg.dtype]) + self.position_embeddings(position_ids)
     if self.cfg.type_vocab_size > 0:
       x = x + self.token_type_embeddings(segment_ids)
     return self.dropout(self.layer_norm(x), deterministic=deterministic)

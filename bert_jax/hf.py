@@ -14,7 +14,9 @@ Our parameter tree (what `load` returns and `export_state_dict` takes):
   {"encoder": ...,                                      the shared Encoder
    "mlm": {"head": MLMHead},                            MLM (tied embeddings + bias)
    "nsp" | "sop": {"pooler": {...}, "classifier": {...}}  PairHead (BERT NSP / ALBERT SOP)
-   "rtd": {"discriminator_head": DiscriminatorHead},    ELECTRA discriminator
+   "rtd": {"discriminator_head": DiscriminatorHead},    ELECTRA discriminator (+ "generator",
+                                                        "generator_head" for a pair:
+                                                        load_electra_pair, objectives.rtd)
    "pooler": {"dense": ...}}                            a pooler without a pair head
 
 which is `PretrainModel`'s layout (params["mlm"]["head"], params["nsp"]["pooler"], ...).
@@ -268,7 +270,10 @@ def _distilbert_options(hf, fields):
 
 
 def _electra_rules(cfg):
-  proj = _linear("embeddings_project", "embeddings/projection") if cfg.embedding_size else ()
+  # embedding_size == hidden_size (ELECTRA-Base, or a generator as wide as the tables): no
+  # embeddings_project in either framework.
+  proj = (_linear("embeddings_project", "embeddings/projection")
+          if cfg.embed_size != cfg.hidden_size else ())
   return (WORD, POSITION, TOKEN_TYPE, *EMBED_NORM, *proj, *BERT_LAYER)
 
 
@@ -634,6 +639,9 @@ class Imported:
   groups: tuple[str, ...]  # head groups found, e.g. ("mlm", "nsp")
   architecture: str | None
   ignored: tuple[str, ...] = ()  # checkpoint weights with no place in our tree
+  # An ELECTRA generator + discriminator pair (load_electra_pair): {"generator_size",
+  # "generator_layers" (None: the discriminator's depth), "config", "hf_config"}.
+  generator: dict[str, Any] | None = None
 
   @property
   def model(self) -> PretrainingModel:
@@ -806,6 +814,103 @@ def save_pretrained(out_dir: str, family_name: str, cfg: EncoderConfig,
   return hf_config
 
 
+# --------------------------------------------------------------------------- ELECTRA pairs
+
+# What ELECTRA's generator shares with its discriminator (under "encoder/"): the embedding
+# tables and the embedding LayerNorm. Each tower keeps its own embeddings/projection.
+ELECTRA_SHARED = ("embeddings/word_embeddings/", "embeddings/position_embeddings/",
+                  "embeddings/token_type_embeddings/", "embeddings/layer_norm/")
+GENERATOR_CONFIG = "generator_config.json"  # in WORKDIR/hf/: an imported generator's config
+TOWERS = ("discriminator", "generator")
+# Fields of the generator's EncoderConfig that objectives.rtd.generator_config must give
+# back from the discriminator's (dropout and initializer ranges are the discriminator's).
+_GENERATOR_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "embed_size", "max_position_embeddings",
+                     "position_offset", "type_vocab_size", "hidden_act", "layer_norm_eps")
+
+
+def load_electra_pair(discriminator_dir: str, generator_dir: str,
+                      **config_overrides: Any) -> Imported:
+  """An ELECTRA discriminator (ElectraForPreTraining) and its generator (ElectraForMaskedLM)
+  as ONE tree of objectives.rtd's layout:
+
+    {"encoder": the discriminator, with the shared embedding tables and LayerNorm,
+     "rtd": {"discriminator_head": DiscriminatorHead,
+             "generator": the generator's Encoder without the shared tables
+                          (its embeddings/projection, when it has one, and its layers),
+             "generator_head": MLMHead (decodes with the shared word embeddings)}}
+
+  ELECTRA ties the two towers' embedding tables and embedding LayerNorm: they must be
+  equal in the two checkpoints. The generator's width must be what
+  `objectives.rtd.generator_config` makes of the discriminator's at generator_size =
+  hidden ratio (true of the released small/base/large pairs); `Imported.generator` holds
+  that size and depth.
+  """
+  from objectives.rtd import generator_config
+
+  disc, gen = load(discriminator_dir, **config_overrides), load(generator_dir, **config_overrides)
+  for imp, path, group, cls in ((disc, discriminator_dir, "rtd", "ElectraForPreTraining"),
+                                (gen, generator_dir, "mlm", "ElectraForMaskedLM")):
+    if imp.family != "electra" or group not in imp.groups:
+      raise UnsupportedError(f"{path!r} is not an ELECTRA checkpoint with {cls}'s head "
+                             f"(model_type {imp.family!r}, heads {list(imp.groups)})")
+  d_flat, g_flat = _flatten(disc.params["encoder"]), _flatten(gen.params["encoder"])
+  shared = sorted(p for p in g_flat if p.startswith(ELECTRA_SHARED))
+  for path in shared:
+    if path not in d_flat or d_flat[path].shape != g_flat[path].shape or not np.array_equal(
+        d_flat[path], g_flat[path]):
+      raise UnsupportedError(
+          f"the generator's {path!r} differs from the discriminator's: ELECTRA shares the "
+          "embedding tables and embedding LayerNorm between its towers (a pair with untied "
+          "generator embeddings is not supported)")
+
+  layers = gen.config.num_layers if gen.config.num_layers != disc.config.num_layers else None
+  size = gen.config.hidden_size / disc.config.hidden_size
+  try:
+    expected = generator_config(disc.config, size, layers)
+  except ValueError as e:
+    raise UnsupportedError(f"generator {generator_dir!r}: {e}") from e
+  wrong = [f"{f}={getattr(gen.config, f)!r} (expected {getattr(expected, f)!r})"
+           for f in _GENERATOR_FIELDS if getattr(gen.config, f) != getattr(expected, f)]
+  head_act = lambda c: c.head_act or c.hidden_act  # noqa: E731
+  if head_act(gen.config) != head_act(expected):
+    wrong.append(f"head activation {head_act(gen.config)!r} (expected {head_act(expected)!r})")
+  if wrong:
+    raise UnsupportedError(
+        f"generator {generator_dir!r} is not the discriminator's generator at "
+        f"generator_size={size:g} (objectives.rtd.generator_config): {'; '.join(wrong)}")
+
+  generator = {k: v for k, v in gen.params["encoder"].items() if k != "embeddings"}
+  if "projection" in gen.params["encoder"]["embeddings"]:
+    generator["embeddings"] = {"projection": gen.params["encoder"]["embeddings"]["projection"]}
+  params = {"encoder": disc.params["encoder"],
+            "rtd": {"discriminator_head": disc.params["rtd"]["discriminator_head"],
+                    "generator": generator, "generator_head": gen.params["mlm"]["head"]}}
+  return dataclasses.replace(
+      disc, params=params, groups=("rtd",), ignored=disc.ignored + gen.ignored,
+      generator={"generator_size": size, "generator_layers": layers, "config": expected,
+                 "hf_config": gen.hf_config})
+
+
+def electra_generator(cfg: EncoderConfig, params: Mapping[str, Any], generator_size: float,
+                      generator_layers: int | None = None) -> tuple[EncoderConfig, dict]:
+  """The generator of an RTD tree (load_electra_pair's or an RTD run's) as a standalone
+  ELECTRA masked LM: (its EncoderConfig, {"encoder": ..., "mlm": {"head": ...}}), with the
+  discriminator's embedding tables and LayerNorm and the generator's own projection.
+  `save_pretrained(out, "electra", *electra_generator(...))` writes ElectraForMaskedLM."""
+  from objectives.rtd import generator_config
+
+  rtd = params.get("rtd", {})
+  if "generator" not in rtd or "generator_head" not in rtd:
+    raise ValueError("this checkpoint has no ELECTRA generator (params['rtd']['generator'] "
+                     "and ['generator_head']): only an RTD run's has one")
+  gen_cfg = generator_config(cfg, generator_size, generator_layers or None)
+  tables = {k: v for k, v in params["encoder"]["embeddings"].items() if k != "projection"}
+  encoder = dict(rtd["generator"])
+  encoder["embeddings"] = {**tables, **encoder.get("embeddings", {})}
+  return gen_cfg, {"encoder": encoder, "mlm": {"head": rtd["generator_head"]}}
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 # Files of a transformers tokenizer; import copies whichever exist.
@@ -892,15 +997,25 @@ def run_config_for(imported: Imported, size: str = "tiny"):
   usable = imported.config.max_position_embeddings - imported.config.position_offset
   config.data.seq_len = min(config.data.seq_len, usable)
   config.objectives = imported.objectives or "mlm:1.0"
+  if imported.generator:
+    config.rtd.generator_size = float(imported.generator["generator_size"])
+    config.rtd.generator_layers = imported.generator["generator_layers"] or 0
   return config
 
 
-def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny") -> dict[str, Any]:
+def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny",
+                      generator_dir: str | None = None) -> dict[str, Any]:
   """Writes WORKDIR/config.json, an orbax checkpoint at step 0 ({"step", "params"}) and
-  the tokenizer (WORKDIR/hf/*, plus WORKDIR/tokenizer.model for sentencepiece models)."""
+  the tokenizer (WORKDIR/hf/*, plus WORKDIR/tokenizer.model for sentencepiece models).
+
+  With `generator_dir`, `hf_dir` is an ELECTRA discriminator and `generator_dir` its
+  generator: both go into one RTD tree (`load_electra_pair`), the run config's
+  rtd.generator_size/generator_layers match the generator, and its config.json is kept as
+  WORKDIR/hf/generator_config.json (for `export_from_workdir(..., tower="generator")`).
+  """
   from bert_jax import checkpoint, run_config
 
-  imported = load(hf_dir)
+  imported = load_electra_pair(hf_dir, generator_dir) if generator_dir else load(hf_dir)
   workdir = os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -909,6 +1024,9 @@ def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny") -> dict[str
   hf_dir_out = os.path.join(workdir, HF_SUBDIR)
   os.makedirs(hf_dir_out, exist_ok=True)
   shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(hf_dir_out, "config.json"))
+  if generator_dir:
+    shutil.copyfile(os.path.join(generator_dir, "config.json"),
+                    os.path.join(hf_dir_out, GENERATOR_CONFIG))
   copied = copy_tokenizer_files(hf_dir, hf_dir_out)
   spm_file = next((n for n in SENTENCEPIECE_FILES if n in copied), None)
   if spm_file:
@@ -924,23 +1042,36 @@ def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny") -> dict[str
   ckpt.close()
   return {"workdir": workdir, "family": imported.family, "heads": imported.groups,
           "architecture": imported.architecture, "tokenizer": copied,
-          "ignored": imported.ignored, "config": imported.config}
+          "ignored": imported.ignored, "config": imported.config,
+          "generator": imported.generator and imported.generator["config"]}
 
 
 def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
-                        which: str = "latest", heads_mode: str = "auto") -> dict[str, Any]:
-  """A run's checkpoint (imported or pretrained by us) -> a transformers directory."""
+                        which: str = "latest", heads_mode: str = "auto",
+                        tower: str = "discriminator") -> dict[str, Any]:
+  """A run's checkpoint (imported or pretrained by us) -> a transformers directory.
+
+  `tower="generator"` writes the generator of an RTD (ELECTRA) run instead of the encoder:
+  an ElectraForMaskedLM with the shared embedding tables (`electra_generator`).
+  """
   from bert_jax import checkpoint, run_config
 
+  if tower not in TOWERS:
+    raise ValueError(f"tower={tower!r} is not one of {TOWERS}")
   config = run_config.load(workdir)
   family = config.get("family", "bert")
   cfg = EncoderConfig.from_dict(config.model)
   params, step = checkpoint.restore_params(workdir, step, which)
   params = jax.tree.map(np.asarray, params)
+  base_file = "config.json"
+  if tower == "generator":
+    family, base_file = "electra", GENERATOR_CONFIG
+    cfg, params = electra_generator(cfg, params, config.rtd.generator_size,
+                                    config.rtd.generator_layers)
   base, special = None, None
   hf_in = os.path.join(workdir, HF_SUBDIR)
-  if os.path.isfile(os.path.join(hf_in, "config.json")):
-    with open(os.path.join(hf_in, "config.json")) as f:
+  if os.path.isfile(os.path.join(hf_in, base_file)):
+    with open(os.path.join(hf_in, base_file)) as f:
       base = json.load(f)
   spm_path = os.path.join(workdir, "tokenizer.model")
   if base is None and os.path.isfile(spm_path):
@@ -962,4 +1093,4 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
   if not tokenizer:
     log.warning("%s has no tokenizer; %s holds the model alone", workdir, out_dir)
   return {"out_dir": out_dir, "step": step, "architecture": hf_config["architectures"][0],
-          "family": family, "tokenizer": tokenizer, "skipped": skipped}
+          "family": family, "tokenizer": tokenizer, "skipped": skipped, "tower": tower}

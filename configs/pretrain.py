@@ -24,7 +24,8 @@ def encoder_fields(size: str) -> ml_collections.ConfigDict:
       vocab_size=8000 if size != "base" else 30522,
       hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=ffn,
       embedding_size=config_dict.placeholder(int), max_position_embeddings=512,
-      position_offset=0, type_vocab_size=2, hidden_act="gelu", hidden_dropout=0.1,
+      position_offset=0, type_vocab_size=2, hidden_act="gelu",
+      head_act=config_dict.placeholder(str), hidden_dropout=0.1,
       attention_dropout=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
       pre_layer_norm=False, num_layer_groups=config_dict.placeholder(int),
       dtype="float32", param_dtype="float32", remat="none", attention_impl="auto"))
@@ -49,6 +50,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
       rate=0.15, max_predictions=c.mlm.max_predictions, mask_prob=0.85, random_prob=0.0,
       generator_size=0.25, generator_layers=0, temperature=1.0, gen_weight=1.0,
       disc_weight=50.0))
+  # XLNet's permutation LM: predict about 1/partial_k of the tokens, in spans of up to
+  # max_span tokens with p(n) ~ 1/n, gathered into max_predictions slots; head_transform:
+  # BERT's MLM head on the query stream (True) or XLNet's tied embeddings + bias (False).
+  c.plm = ml_collections.ConfigDict(dict(
+      partial_k=6, max_predictions=max(20, round(seq / 6 + 0.5)), max_span=5,
+      whole_word=False, head_transform=True))
   c.data = ml_collections.ConfigDict(dict(
       source="bundled", train_files="", eval_files="", text_format="sentences",
       tfds_name="", tfds_data_dir="", tfds_text_key="text", train_split="train",

@@ -9,7 +9,7 @@ function with donated state) on synthetic full-length sequences, compiled ahead 
 (the compile time is reported) and timed with `jax.block_until_ready` after every step.
 Peer (`--peer hf`): transformers' `BertForPreTraining` (with NSP) or `BertForMaskedLM`
 (MLM only) of the same sizes, SDPA attention, the same dropout, torch AdamW with the same
-lr / betas / eps / weight decay (no decay on biases and LayerNorm) and gradient clipping,
+lr schedule / betas / eps / weight decay (no decay on biases and LayerNorm) and clipping,
 bf16 autocast when our compute dtype is bf16, fed the batches our masking produced
 (labels -100 where nothing is predicted), on the same device (cuda when torch has one).
 
@@ -65,7 +65,8 @@ class BenchObjective:
   name: str
   prepare: Callable[[Any], None]  # adjusts config.objectives (in place, config unlocked)
   step_flops: Callable[..., Any]  # (config, setup, batch_size, seq_len, *, peer) -> StepFlops
-  build_peer: Callable[..., "TorchPeer"]  # (config, setup, numpy batches, corrupted) -> peer
+  # (config, setup, corrupted numpy batches, *, schedule_steps) -> TorchPeer
+  build_peer: Callable[..., "TorchPeer"]
 
 
 OBJECTIVES: dict[str, BenchObjective] = {}
@@ -239,6 +240,7 @@ class TorchPeer:
   name: str
   model: Any
   optimizer: Any
+  scheduler: Any
   batches: list[dict[str, Any]]
   device: str
   autocast_dtype: Any
@@ -257,6 +259,7 @@ class TorchPeer:
     if self.clip_norm:
       torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
     self.optimizer.step()
+    self.scheduler.step()
     self.optimizer.zero_grad(set_to_none=True)
     if self.device == "cuda":
       torch.cuda.synchronize()
@@ -272,11 +275,13 @@ def torch_device() -> str:
   return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_hf_bert(config, setup, corrupted: list[dict[str, Any]]) -> TorchPeer:
+def build_hf_bert(config, setup, corrupted: list[dict[str, Any]],
+                  schedule_steps: int = 1000) -> TorchPeer:
   """transformers' BERT of our sizes: BertForPreTraining with NSP, else BertForMaskedLM."""
   import numpy as np
   import torch
   import transformers
+  from bert_jax import optim
 
   cfg = setup.model.encoder_config
   if cfg.embed_size != cfg.hidden_size or cfg.pre_layer_norm or cfg.num_layer_groups:
@@ -293,6 +298,10 @@ def build_hf_bert(config, setup, corrupted: list[dict[str, Any]]) -> TorchPeer:
       type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
       initializer_range=cfg.initializer_range, attn_implementation="sdpa")
   cls = transformers.BertForPreTraining if pair else transformers.BertForMaskedLM
+  if device == "cuda":
+    # JAX's default precision for fp32 matmuls on NVIDIA GPUs is TF32; let torch match.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
   torch.manual_seed(config.seed)
   model = cls(hf_cfg).to(device)
   model.train()
@@ -302,6 +311,11 @@ def build_hf_bert(config, setup, corrupted: list[dict[str, Any]]) -> TorchPeer:
   optimizer = torch.optim.AdamW(
       [{"params": decay, "weight_decay": o.weight_decay},
        {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  # Our warmup + decay schedule, tabulated once (no JAX call inside the timed step).
+  lr_table = np.asarray(optim.learning_rate(o, config.train.steps)(
+      np.arange(schedule_steps)), np.float64) / o.lr
+  scheduler = torch.optim.lr_scheduler.LambdaLR(
+      optimizer, lambda i: float(lr_table[min(i, schedule_steps - 1)]))
 
   batches = []
   for c in corrupted:
@@ -317,7 +331,8 @@ def build_hf_bert(config, setup, corrupted: list[dict[str, Any]]) -> TorchPeer:
   dtype = str(cfg.dtype)
   autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
   return TorchPeer(name=f"transformers {cls.__name__} (PyTorch {torch.__version__}, sdpa)",
-                   model=model, optimizer=optimizer, batches=batches, device=device,
+                   model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
+                   device=device,
                    autocast_dtype=autocast, clip_norm=float(o.clip_norm or 0.0),
                    n_params=sum(p.numel() for p in model.parameters()))
 
@@ -390,7 +405,8 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
     result["threads"]["torch_intra_op"] = torch.get_num_threads()
     result["threads"]["torch_inter_op"] = torch.get_num_interop_threads()
     log("peer: building transformers model ...")
-    the_peer = bench.build_peer(config, ours.setup, ours.corrupted)
+    the_peer = bench.build_peer(config, ours.setup, ours.corrupted,
+                                schedule_steps=warmup + steps + 1)
     t = time.perf_counter()
     the_peer.step(0)
     peer_first_s = time.perf_counter() - t

@@ -88,7 +88,8 @@ def _import_builtin() -> None:
     importlib.import_module(module)
 
 
-_BUILTIN = ("objectives.mlm", "objectives.nsp", "objectives.sop", "objectives.rtd")
+_BUILTIN = ("objectives.mlm", "objectives.nsp", "objectives.sop", "objectives.rtd",
+            "objectives.plm")
 
 __all__ = ["Objective", "SpecialIds", "WeightedObjective", "available", "build",
            "example_kind", "get", "parse_spec", "register"]

@@ -69,10 +69,10 @@ class RTDModule(nn.Module):
         keys, jax.lax.stop_gradient(gen_logits), self.temperature)
     original = batch["original_ids"]
     rows = jnp.arange(ids.shape[0])[:, None]
-    replace = batch["mlm_weights"] > 0
-    current = original[rows, batch["mlm_positions"]]
-    disc_ids = original.at[rows, batch["mlm_positions"]].set(
-        jnp.where(replace, sampled, current))
+    # Padding slots of mlm_positions point at position 0: send them out of range (dropped)
+    # rather than write position 0 twice, which would race a real prediction there.
+    positions = jnp.where(batch["mlm_weights"] > 0, batch["mlm_positions"], ids.shape[1])
+    disc_ids = original.at[rows, positions].set(sampled, mode="drop")
     # A correct guess by the generator counts as original.
     labels = ((disc_ids != original) & (mask > 0)).astype(jnp.int32)
     hidden = encoder(disc_ids, seg, mask, deterministic=deterministic)["hidden_states"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bert_jax import checkpoint, run_config, sharding, train
+from bert_jax.data import bundled
 from bert_jax.finetune import loop, restore
 from configs import pretrain
 from configs.finetune import get_config
@@ -26,7 +27,13 @@ SHRINK = dict(vocab_size=512, hidden_size=32, num_heads=4, intermediate_size=64,
 def pretrained(tmp_path_factory, bundled_tokenizer):
   """Two steps of our own pretraining loop (bert preset: MLM + NSP)."""
   workdir = str(tmp_path_factory.mktemp("pretrain"))
-  c = tiny_config(bundled_tokenizer, train__steps=2, train__eval_batches=1, **NO_DROPOUT)
+  corpus = tmp_path_factory.mktemp("corpus") / "kjv.txt"
+  docs, _ = bundled.read_documents(bundled.corpus_path("validation"))
+  corpus.write_text("\n\n".join("\n".join(d) for d in docs[:12]) + "\n")
+  c = tiny_config(bundled_tokenizer, train__steps=2, train__eval_batches=1,
+                  data__source="text", data__train_files=str(corpus),
+                  data__eval_files=str(corpus), mesh__data=1, **NO_DROPOUT)
+  c.objectives = "mlm:1.0,nsp:1.0"
   train.train_and_evaluate(c, workdir)
   return workdir
 
@@ -36,8 +43,9 @@ def ft_config(init: str, **train_fields):
   c.init = init
   c.data.update(dict(seq_len=64, dynamic_padding=False))
   c.task.update(dict(max_train_examples=32, max_dev_examples=16))
-  c.train.update(dict(batch_size=16, eval_batch_size=16, steps=1, log_every=1,
+  c.train.update(dict(dict(batch_size=16, eval_batch_size=16, steps=1, log_every=1),
                       **train_fields))
+  c.mesh.data = 1  # one of the 8 simulated devices: compiles faster
   c.model.update(dict(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0))
   return c
 
@@ -94,6 +102,7 @@ def preset_workdir(family: str, tok_path: str, path: str) -> dict:
   c.model.update(SHRINK)
   c.data.update(dict(seq_len=64, tokenizer=tok_path, vocab_size=512))
   c.mlm.max_predictions = 10
+  c.mesh.data = 1
   from bert_jax.data.tokenizer import load_tokenizer
   setup = train.build_setup(c, train.special_ids(load_tokenizer(tok_path)))
   mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c.sharding)
