@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -38,11 +39,24 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim_cfg: Any, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg: Any, total_steps: int,
+                   frozen: tuple[tuple[str, ...], ...] = ()) -> optax.GradientTransformation:
+  """AdamW (+ clipping); parameters under a `frozen` path get no update and no state."""
   c = optim_cfg
   parts = []
   if c.clip_norm and c.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(c.clip_norm))
   parts.append(optax.adamw(learning_rate(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps,
                            weight_decay=c.weight_decay, mask=decay_mask))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if not frozen:
+    return tx
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               functools.partial(frozen_labels, frozen=frozen))
+
+
+def frozen_labels(params: Any, frozen: tuple[tuple[str, ...], ...]) -> Any:
+  def label(path, _):
+    names = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    return "frozen" if any(names[:len(f)] == tuple(f) for f in frozen) else "train"
+  return jax.tree_util.tree_map_with_path(label, params)

@@ -83,7 +83,8 @@ def build_setup(config: ml_collections.ConfigDict, special: SpecialIds,
   encoder_cfg = EncoderConfig.from_dict(config.model)
   weighted = objectives_lib.build(config, special)
   model = PretrainModel(encoder_cfg, tuple(w.objective for w in weighted))
-  tx = optim.make_optimizer(config.optim, total_steps or config.train.steps)
+  frozen = tuple(p for w in weighted for p in w.objective.frozen_paths())
+  tx = optim.make_optimizer(config.optim, total_steps or config.train.steps, frozen)
   if config.train.nan_policy not in NAN_POLICIES:
     raise ValueError(f"train.nan_policy: {config.train.nan_policy!r} is not one of "
                      f"{NAN_POLICIES}")
@@ -199,7 +200,13 @@ def init_state(setup: Setup, seed: int, batch: Batch, mesh, rules) -> tuple[Trai
   with sharding.activate(mesh, rules):
     init = jax.jit(lambda b: nn.meta.unbox(_init_boxed(setup, seed, b)),
                    out_shardings=shardings)
-    return init(batch), shardings
+    state = init(batch)
+  params = state.params
+  for w in setup.objectives:  # e.g. load a frozen teacher, initialise a student from it
+    params = w.objective.initialize(params)
+  if params is not state.params:
+    state = state.replace(params=jax.device_put(params, shardings.params))
+  return state, shardings
 
 
 def to_global(batch: Batch, batch_sharding) -> Batch:

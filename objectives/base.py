@@ -66,3 +66,16 @@ class Objective(abc.ABC):
   @abc.abstractmethod
   def loss(self, outputs: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
     """(head outputs, batch) -> (scalar loss, metrics as (sum, count))."""
+
+  def frozen_paths(self) -> tuple[tuple[str, ...], ...]:
+    """Parameter subtrees the optimizer never updates and keeps no state for (a teacher).
+
+    Paths are key tuples into params, e.g. (("distill", "teacher"),). Their heads should
+    also stop gradients so no backward pass is spent on them.
+    """
+    return ()
+
+  def initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+    """Host-side edit of freshly initialised parameters (load a teacher, copy layers into
+    the student). Called once per run, never on resume. Default: unchanged."""
+    return params

@@ -153,8 +153,9 @@ def test_labels_mark_only_real_replacements(pair):
   np.testing.assert_array_equal(disc_ids[~np.asarray(b["mlm_mask"])],
                                 original[~np.asarray(b["mlm_mask"])])
   _, metrics = pair.objective.loss(out, b)
-  replaced, masked = metrics["replaced_fraction"][0], np.asarray(b["mlm_weights"]).sum()
-  assert replaced <= masked and float(replaced / metrics["replaced_fraction"][1]) <= 0.15 + 1e-6
+  replaced, tokens = (float(x) for x in metrics["replaced_fraction"])
+  assert tokens == mask.sum()
+  assert 0 < replaced / tokens <= np.asarray(b["mlm_weights"]).sum() / tokens
 
   # A generator that always proposes token t: masked positions whose original is t are
   # correct guesses and count as original (label 0), the others as replaced.
@@ -227,7 +228,7 @@ def test_short_run_exports_both_towers(tmp_path, bundled_tokenizer):
                        train__eval_batches=1)
   summary = train.train_and_evaluate(config, str(wd))
   assert summary.steps == 2 and np.isfinite(summary.last_eval["loss"]), summary.last_eval
-  assert 0 < summary.last_eval["rtd/replaced_fraction"] <= 0.15 + 1e-6, summary.last_eval
+  assert 0 < summary.last_eval["rtd/replaced_fraction"] < 0.2, summary.last_eval
   params, step = checkpoint.restore_params(str(wd))
   assert step == 2
 

@@ -1,0 +1,125 @@
+"""Permutation LM (XLNet): masks, target sampling, leak tests, a short run, XLNet parity."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from bert_jax import heads, train
+from bert_jax.encoder import EncoderConfig
+from bert_jax.model import PretrainModel
+from objectives.masking import MaskingConfig
+from objectives.plm import PermutationLM
+from tests.conftest import tiny_config
+from tests.test_train import SPECIAL, random_batch
+
+TINY = EncoderConfig(vocab_size=512, hidden_size=16, num_layers=2, num_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, hidden_dropout=0.0,
+                     attention_dropout=0.0)
+
+
+def plm_objective(max_predictions=8, head_transform=True, **masking):
+  masking = MaskingConfig(**dict(dict(rate=1 / 6, max_predictions=max_predictions,
+                                      mask_prob=0.0, random_prob=0.0, span="ngram",
+                                      max_ngram=5), **masking))
+  return PermutationLM(masking, SPECIAL, head_transform=head_transform)
+
+
+def corrupted(obj, batch, seed=0):
+  return jax.tree.map(np.asarray, jax.jit(obj.corrupt)(batch, jax.random.PRNGKey(seed)))
+
+
+def test_masks_follow_the_factorization_order():
+  b = corrupted(plm_objective(), random_batch(0, 8, 48))
+  for i in range(8):
+    real = b["attention_mask"][i] > 0
+    order, target = b["plm_order"][i], b["plm_target"][i]
+    content, query = b["plm_content_mask"][i], b["plm_query_mask"][i]
+    pos, w = b["plm_positions"][i], b["plm_weights"][i] > 0
+    assert target.sum() == w.sum() > 0 and set(np.flatnonzero(target)) == set(pos[w])
+    assert not target[~real].any() and not target[0]  # never [CLS] or padding
+    # Targets are ordered 0..T-1 after every non-target (order -1).
+    assert sorted(order[target]) == list(range(target.sum())) and (order[~target] == -1).all()
+    assert content.diagonal().all()  # content includes itself
+    assert not content[:, ~real][~np.eye(len(real), dtype=bool)[:, ~real]].any()  # no padding
+    ctx = real & ~target
+    assert content[np.ix_(ctx, ctx)].all()  # non-targets see each other...
+    assert content[:, ctx].all() or not ctx.any()  # ... and are visible to all
+    assert not content[np.ix_(ctx, target)].any()  # ... but see no target
+    expected = (order[None] <= order[:, None]) & real[None]
+    np.testing.assert_array_equal(content, expected | np.eye(len(real), dtype=bool))
+    q = query[w]  # the query stream's rows, one per target slot
+    assert not q[np.arange(w.sum()), pos[w]].any()  # never itself
+    np.testing.assert_array_equal(q, (order[None] < order[pos[w], None]) & real[None])
+    assert query.any(axis=1).all()  # no empty attention row, even in unused slots
+    np.testing.assert_array_equal(b["plm_ids"][i][w], b["input_ids"][i][pos[w]])
+  np.testing.assert_array_equal(b["input_ids"], random_batch(0, 8, 48)["input_ids"])
+
+
+def test_target_fraction_and_span_lengths():
+  n, length = 64, 240
+  batch = random_batch(1, n, length)
+  batch["attention_mask"][:] = 1  # full sequences: every position but the ends is a candidate
+  batch["word_ids"] = np.tile(np.arange(length, dtype=np.int32), (n, 1))
+  batch["word_ids"][:, [0, -1]] = -1
+  b = corrupted(plm_objective(max_predictions=64), batch)
+  target = b["plm_target"]
+  np.testing.assert_allclose(target.sum(1), round(length / 6))
+  # Runs of consecutive targets: spans (adjacent spans merge, so runs are a little longer).
+  runs = []
+  for row in target.astype(np.int8):
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], row, [0]])))
+    runs += list(edges[1::2] - edges[::2])
+  hist = np.bincount(runs, minlength=12)[1:6] / len(runs)
+  law = (1 / np.arange(1, 6)) / np.sum(1 / np.arange(1, 6))
+  assert np.all(np.diff(hist) < 0), hist  # p(n) decreasing in n
+  np.testing.assert_allclose(hist, law, atol=0.05)
+  assert np.mean(np.array(runs) <= 5) > 0.95
+
+
+def forward_perturbed(cfg, obj, length=24, seed=0):
+  """Logits at the prediction slots for one sequence and for copies of it with one token
+  changed each (copy k+1 changes token k), under the same permutation."""
+  base = random_batch(seed, 1, length)
+  base["attention_mask"][:] = 1
+  base["input_ids"][0, -1] = SPECIAL.sep
+  base["word_ids"][0, -1] = -1
+  b = corrupted(obj, base)
+  copies = jax.tree.map(lambda x: np.repeat(x, length + 1, axis=0), b)
+  for k in range(length):
+    copies["input_ids"][k + 1, k] = 5 + (copies["input_ids"][k + 1, k] + 17) % 500
+  model = PretrainModel(cfg, (obj,))
+  params = model.init(jax.random.PRNGKey(1), copies, deterministic=True)["params"]
+  logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, deterministic=True))(
+      params, copies)["plm"])
+  loss = np.asarray(heads.softmax_cross_entropy(logits, copies["plm_ids"]))  # [N, P]
+  return b, logits, loss
+
+
+def check_no_leak(b, logits, loss):
+  order, positions = b["plm_order"][0], b["plm_positions"][0]
+  weights = b["plm_weights"][0] > 0
+  assert weights.sum() >= 3
+  change = np.abs(logits[1:] - logits[:1]).max(-1)  # [token k, slot p]
+  for p in np.flatnonzero(weights):
+    t = positions[p]
+    later = order >= order[t]  # itself and every later target
+    assert change[later, p].max() < 1e-5, (p, t, change[later, p])
+    # Every earlier token (context and earlier targets) changes the prediction.
+    assert change[~later, p].min() > 1e-4, (p, t, change[~later, p])
+    # The loss at the slot: only its own label may change it among itself and later ones.
+    own = np.abs(loss[1:, p] - loss[0, p])
+    assert own[later & (np.arange(len(order)) != t)].max() < 1e-5
+
+
+def test_prediction_does_not_see_itself_or_later_tokens():
+  check_no_leak(*forward_perturbed(TINY, plm_objective()))
+
+
+def test_short_run_is_finite(tmp_path, bundled_tokenizer):
+  c = tiny_config(bundled_tokenizer, str(tmp_path / "cache"), objectives="plm:1.0",
+                  train__steps=2, train__eval_every=2, train__checkpoint_every=2)
+  summary = train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert summary.last_eval and np.isfinite(summary.last_eval["plm/loss"])
+  assert 0 < summary.last_eval["plm/loss"] < 10
