@@ -16,7 +16,7 @@ from tests.test_train import SPECIAL, random_batch
 
 TINY = EncoderConfig(vocab_size=512, hidden_size=16, num_layers=2, num_heads=2,
                      intermediate_size=32, max_position_embeddings=64, hidden_dropout=0.0,
-                     attention_dropout=0.0)
+                     attention_dropout=0.0, initializer_range=0.5)  # large: visible effects
 
 
 def plm_objective(max_predictions=8, head_transform=True, **masking):
@@ -107,7 +107,7 @@ def check_no_leak(b, logits, loss):
     later = order >= order[t]  # itself and every later target
     assert change[later, p].max() < 1e-5, (p, t, change[later, p])
     # Every earlier token (context and earlier targets) changes the prediction.
-    assert change[~later, p].min() > 1e-4, (p, t, change[~later, p])
+    assert change[~later, p].min() > 1e-3, (p, t, change[~later, p])
     # The loss at the slot: only its own label may change it among itself and later ones.
     own = np.abs(loss[1:, p] - loss[0, p])
     assert own[later & (np.arange(len(order)) != t)].max() < 1e-5

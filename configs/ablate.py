@@ -1,0 +1,48 @@
+"""Ablation grids: pretraining cells under one budget, scored on downstream tasks.
+
+  python -m launch.ablate --config configs/ablate.py:default --workdir runs/ablate
+
+A cell is a pretraining preset plus overrides ("field=value;field=value"); every cell gets
+the same budget (steps, tokens or model FLOPs), then is fine-tuned on each task with each
+seed. `distill.teacher=@CELL` points a distillation cell at another cell's checkpoint.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# name: (preset, overrides)
+DEFAULT_CELLS = {
+    "mlm": ("bert,tiny", "objectives=mlm:1.0"),
+    "mlm_nsp": ("bert,tiny", "objectives=mlm:1.0,nsp:1.0"),
+    "mlm_sop": ("bert,tiny", "objectives=mlm:1.0,sop:1.0"),
+    "rtd": ("electra,tiny", ""),
+    "plm": ("bert,tiny", "objectives=plm:1.0"),
+    "distill": ("distilbert,tiny", "distill.teacher=@mlm"),
+}
+
+
+def get_config(name: str = "default") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = name or "default"
+  c.seed = 0
+  # Every cell gets this much: "steps", "tokens" (batch x length x steps) or "flops".
+  c.budget = ml_collections.ConfigDict(dict(kind="tokens", value=float(32 * 128 * 400)))
+  c.cells = ml_collections.ConfigDict(
+      {k: ml_collections.ConfigDict(dict(preset=p, overrides=o))
+       for k, (p, o) in DEFAULT_CELLS.items()})
+  c.order = ",".join(DEFAULT_CELLS)  # cells run in this order (teachers first)
+  # Applied to every cell's pretraining config.
+  c.pretrain_overrides = "train.eval_every=100;train.log_every=20;train.checkpoint_every=200"
+  c.finetune = ml_collections.ConfigDict(dict(
+      tasks="bundled", seeds="0,1,2",
+      overrides="train.epochs=2.0;train.log_every=100"))
+  if c.name == "smoke":  # seconds per cell: CI and tests
+    c.budget.update(dict(kind="steps", value=2.0))
+    c.order = "mlm,mlm_sop"
+    c.finetune.seeds = "0"
+    c.finetune.overrides = "train.steps=2;train.eval_every=2"
+  elif c.name != "default":
+    raise ValueError(f"unknown ablation {name!r}; available: default, smoke")
+  c.lock()
+  return c

@@ -1,0 +1,111 @@
+"""Ablations: equal budgets, resume after an interruption, failed cells, the results."""
+
+import csv
+import dataclasses
+import json
+import os
+
+import pytest
+
+from bert_jax import ablate
+from bert_jax import metrics as metrics_lib
+from bert_jax.budget import Budget, step_flops
+from configs.ablate import get_config as ablation_config
+from configs.pretrain import get_config
+
+
+def test_token_budget_gives_equal_tokens_within_one_step():
+  budget = Budget("tokens", 32 * 128 * 400 + 1000)
+  configs = [get_config("bert,tiny"), get_config("electra,tiny"), get_config("bert,small")]
+  configs[1].train.batch_size = 48
+  configs[2].data.seq_len = 64
+  for c in configs:
+    steps = budget.steps_for(c)
+    per_step = c.train.batch_size * c.data.seq_len
+    assert abs(budget.spent(c, steps) - budget.value) <= per_step / 2 + 1e-6
+
+
+def test_flop_budget_counts_the_generator_and_second_tasks():
+  mlm, rtd = get_config("bert,tiny"), get_config("electra,tiny")
+  mlm.objectives = "mlm:1.0"
+  rtd.model.update(dict(embedding_size=None))
+  rtd_flops = step_flops(rtd)
+  disc_only = step_flops(mlm)  # same encoder; RTD adds a generator and the discriminator head
+  assert rtd_flops > disc_only
+  budget = Budget("flops", 1000 * disc_only)
+  assert budget.steps_for(mlm) == 1000
+  assert budget.steps_for(rtd) < 1000
+  for c in (mlm, rtd):
+    assert abs(budget.spent(c, budget.steps_for(c)) - budget.value) <= step_flops(c) / 2 + 1
+
+
+def fake_runs(calls):
+  """Pretrain/finetune stand-ins that write real metrics files (orchestration only)."""
+
+  def pretrain(config, workdir):
+    calls.append(("pretrain", workdir))
+    if "mlm_sop" in workdir and not os.environ.get("ABLATE_FIXED"):
+      raise RuntimeError("simulated crash")
+    os.makedirs(workdir, exist_ok=True)
+    w = metrics_lib.MetricWriter(workdir, enabled=True)
+    for step in range(1, config.train.steps + 1):
+      w.write(step, "train", {"loss": 10.0 / step})
+    w.write(config.train.steps, "eval", {"loss": 1.5 + len(workdir) % 3, "mlm/accuracy": 0.25})
+    w.close()
+    return type("S", (), {"last_eval": None, "tokens_per_second": 123.0})()
+
+  def finetune(ablation, task, seed, init, workdir):
+    calls.append(("finetune", workdir))
+    return 0.5 + 0.1 * seed
+
+  return pretrain, finetune
+
+
+def test_resume_skips_finished_cells_and_reports_failures(tmp_path, monkeypatch):
+  abl = ablation_config("default")
+  abl.unlock()
+  abl.order = "mlm,mlm_sop,rtd"
+  abl.budget.update(dict(kind="steps", value=3.0))
+  abl.finetune.seeds = "0,1"
+  calls = []
+  pretrain, finetune = fake_runs(calls)
+  results = ablate.run_ablation(abl, str(tmp_path), pretrain_fn=pretrain, finetune_fn=finetune,
+                                log=lambda m: None)
+  status = {r.name: r.status for r in results}
+  assert status == {"mlm": "done", "mlm_sop": "failed", "rtd": "done"}
+  assert "simulated crash" in json.load(open(tmp_path / "cells/mlm_sop/failed.json"))["error"]
+  monkeypatch.setenv("ABLATE_FIXED", "1")
+  calls.clear()
+  results = ablate.run_ablation(abl, str(tmp_path), pretrain_fn=pretrain, finetune_fn=finetune,
+                                log=lambda m: None)
+  assert [c for c in calls if c[0] == "pretrain"] == [
+      ("pretrain", str(tmp_path / "cells/mlm_sop/pretrain"))]  # only the failed cell reran
+  assert all(r.status == "done" for r in results)
+  assert not (tmp_path / "cells/mlm_sop/failed.json").exists()
+
+  with open(tmp_path / "results.csv") as f:
+    rows = {r["cell"]: r for r in csv.DictReader(f)}
+  for name in ("mlm", "mlm_sop", "rtd"):
+    own = [r for r in metrics_lib.read_metrics(tmp_path / f"cells/{name}/pretrain")
+           if r["split"] == "eval"][-1]
+    assert float(rows[name]["loss"]) == pytest.approx(own["loss"])
+    assert float(rows[name]["bundled_mean"]) == pytest.approx(0.55)
+    assert float(rows[name]["steps"]) == 3
+  md = (tmp_path / "results.md").read_text()
+  assert "0.5500 ± 0.0707" in md
+  for png in ("pretrain_loss.png", "scores_bundled.png"):
+    assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_unavailable_objective_is_listed_not_dropped(tmp_path):
+  abl = ablation_config("default")
+  abl.unlock()
+  abl.cells["future"] = abl.cells["mlm"].copy_and_resolve_references()
+  abl.cells["future"].overrides = "objectives=mlm:1.0,nonexistent:1.0"
+  abl.order = "future"
+  calls = []
+  pretrain, finetune = fake_runs(calls)
+  results = ablate.run_ablation(abl, str(tmp_path), pretrain_fn=pretrain, finetune_fn=finetune,
+                                log=lambda m: None)
+  assert results[0].status == "unavailable" and not calls
+  assert "unavailable" in (tmp_path / "results.md").read_text()
