@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -61,6 +62,34 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored checkpoint %s/%d", self.directory, step)
     return restored["state"]
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore_latest_good(self, abstract_state: Any, data_iterator: Any | None
+                          ) -> tuple[Any, int] | None:
+    """Restores the newest checkpoint that reads back; a damaged one (truncated files, a
+    partial copy) is skipped with a warning and the one before it is used."""
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(step, abstract_state, data_iterator), step
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        logging.warning("checkpoint %s/%d is unreadable (%s: %s); moved aside to %s, "
+                        "trying an older one", self.directory, step, type(e).__name__,
+                        str(e)[:200], self.directory + "_unreadable")
+        self._move_aside(step)
+    if self.all_steps():
+      raise RuntimeError(f"no checkpoint in {self.directory} could be restored "
+                         f"(steps {self.all_steps()}); see the warnings above")
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    """Keeps a damaged checkpoint for inspection, out of the way of the step's next save."""
+    aside = self.directory + "_unreadable"
+    os.makedirs(aside, exist_ok=True)
+    target = os.path.join(aside, f"{step}.{int(time.time())}")
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -157,6 +157,21 @@ def mlm_step_flops(cfg: Any, batch_size: int, seq_len: int, predictions_per_seq:
       other=float(pair_head_flops_per_sequence(cfg)) * batch_size if pair_head else 0.0)
 
 
+def electra_step_flops(disc_cfg: Any, gen_cfg: Any, batch_size: int, seq_len: int,
+                       predictions_per_seq: int) -> StepFlops:
+  """ELECTRA: the generator (a smaller encoder + MLM head at the computed positions) and
+  the discriminator (encoder + a dense(H) -> dense(1) head at every token), both trained."""
+  tokens = batch_size * seq_len
+  disc_head = disc_cfg.hidden_size * disc_cfg.hidden_size + disc_cfg.hidden_size
+  return StepFlops(
+      tokens=tokens,
+      dense=6.0 * (encoder_matmul_params_per_token(disc_cfg)
+                   + encoder_matmul_params_per_token(gen_cfg) + disc_head) * tokens,
+      attention=float(attention_flops_per_token(disc_cfg, seq_len)
+                      + attention_flops_per_token(gen_cfg, seq_len)) * tokens,
+      output=float(mlm_head_flops_per_prediction(gen_cfg)) * batch_size * predictions_per_seq)
+
+
 def mfu(step_flops: float, step_time_s: float, peak_flops_per_s: float,
         num_devices: int = 1) -> float:
   """Achieved FLOP/s over the peak of all `num_devices` devices the step ran on."""

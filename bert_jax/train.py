@@ -293,9 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract, shardings = state_shardings(setup, config.seed, sample, mesh, rules)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep, keep_best=tc.keep_best,
                                      async_save=tc.async_checkpoint)
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, abstract, data_iter)
+  restored = ckpt.restore_latest_good(abstract, data_iter)
+  if restored is not None:
+    state, start = restored
     logging.info("resumed from step %d", start)
   else:
     state, _ = init_state(setup, config.seed, sample, mesh, rules)

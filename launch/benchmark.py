@@ -102,6 +102,33 @@ register(BenchObjective("mlm", _prepare_mlm, _mlm_flops,
                         lambda *a, **k: build_hf_bert(*a, **k)))
 
 
+def _prepare_electra(config) -> None:
+  if _objective_names(config) != ["rtd"]:
+    raise ValueError(f"--objective electra needs config.objectives='rtd:1.0' (e.g. the "
+                     f"electra preset), got {config.objectives!r}")
+
+
+def _rtd_objective(setup):
+  return next(w.objective for w in setup.objectives if w.objective.name == "rtd")
+
+
+def _generator_config(setup):
+  from objectives.rtd import generator_config
+  rtd = _rtd_objective(setup)
+  return generator_config(setup.model.encoder_config, rtd.generator_size, rtd.generator_layers)
+
+
+def _electra_flops(config, setup, batch_size: int, seq_len: int, *, peer: bool):
+  from bert_jax import flops
+  per_seq = seq_len if peer else int(config.rtd.max_predictions)
+  return flops.electra_step_flops(setup.model.encoder_config, _generator_config(setup),
+                                  batch_size, seq_len, per_seq)
+
+
+register(BenchObjective("electra", _prepare_electra, _electra_flops,
+                        lambda *a, **k: build_hf_electra(*a, **k)))
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -246,6 +273,8 @@ class TorchPeer:
   autocast_dtype: Any
   clip_norm: float
   n_params: int
+  parameters: list[Any]  # what the optimizer updates (tied weights once)
+  loss_fn: Callable[[dict[str, Any]], Any] | None = None  # default: model(**batch).loss
   losses: list[float] = dataclasses.field(default_factory=list)
   _last: Any = None
 
@@ -254,16 +283,16 @@ class TorchPeer:
     b = self.batches[i % len(self.batches)]
     with torch.autocast(device_type=self.device, dtype=self.autocast_dtype or torch.float32,
                         enabled=self.autocast_dtype is not None):
-      out = self.model(**b)
-    out.loss.backward()
+      loss = self.loss_fn(b) if self.loss_fn else self.model(**b).loss
+    loss.backward()
     if self.clip_norm:
-      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+      torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
     self.optimizer.step()
     self.scheduler.step()
     self.optimizer.zero_grad(set_to_none=True)
     if self.device == "cuda":
       torch.cuda.synchronize()
-    self._last = out.loss.detach()
+    self._last = loss.detach()
 
   def record_loss(self) -> None:
     if self._last is not None:
@@ -278,10 +307,8 @@ def torch_device() -> str:
 def build_hf_bert(config, setup, corrupted: list[dict[str, Any]],
                   schedule_steps: int = 1000) -> TorchPeer:
   """transformers' BERT of our sizes: BertForPreTraining with NSP, else BertForMaskedLM."""
-  import numpy as np
   import torch
   import transformers
-  from bert_jax import optim
 
   cfg = setup.model.encoder_config
   if cfg.embed_size != cfg.hidden_size or cfg.pre_layer_norm or cfg.num_layer_groups:
@@ -289,6 +316,7 @@ def build_hf_bert(config, setup, corrupted: list[dict[str, Any]],
                      "sharing have no BertFor* counterpart")
   pair = "nsp" in _objective_names(config)
   device = torch_device()
+  _torch_setup(device)
   hf_cfg = transformers.BertConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -298,15 +326,53 @@ def build_hf_bert(config, setup, corrupted: list[dict[str, Any]],
       type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
       initializer_range=cfg.initializer_range, attn_implementation="sdpa")
   cls = transformers.BertForPreTraining if pair else transformers.BertForMaskedLM
+  torch.manual_seed(config.seed)
+  model = cls(hf_cfg).to(device)
+  model.train()
+  batches = []
+  for c in corrupted:
+    b = {"input_ids": c["input_ids"], "token_type_ids": c["segment_ids"],
+         "attention_mask": c["attention_mask"], "labels": _mlm_labels(c)}
+    if pair:
+      b["next_sentence_label"] = c["sentence_label"]
+    batches.append(_to_torch(b, device))
+  return _torch_peer(f"transformers {cls.__name__} (PyTorch {torch.__version__}, sdpa)",
+                     config, model, batches, device, schedule_steps)
+
+
+def _mlm_labels(c: dict[str, Any]):
+  """Our gathered MLM targets as a [B, L] label array, -100 where nothing is predicted."""
+  import numpy as np
+  labels = np.full(c["input_ids"].shape, -100, np.int64)
+  rows, cols = np.nonzero(c["mlm_weights"] > 0)
+  labels[rows, c["mlm_positions"][rows, cols]] = c["mlm_ids"][rows, cols]
+  return labels
+
+
+def _to_torch(b: dict[str, Any], device: str) -> dict[str, Any]:
+  import numpy as np
+  import torch
+  return {k: torch.as_tensor(np.asarray(v, np.int64), device=device) for k, v in b.items()}
+
+
+def _torch_setup(device: str) -> None:
+  import torch
   if device == "cuda":
     # JAX's default precision for fp32 matmuls on NVIDIA GPUs is TF32; let torch match.
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-  torch.manual_seed(config.seed)
-  model = cls(hf_cfg).to(device)
-  model.train()
-  no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-  decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+
+
+def _torch_peer(name: str, config, model, batches, device: str, schedule_steps: int,
+                loss_fn=None) -> TorchPeer:
+  """AdamW with our hyper-parameters and schedule (no decay on biases and LayerNorm)."""
+  import numpy as np
+  import torch
+  from bert_jax import optim
+
+  named = dict(model.named_parameters())  # tied weights appear once
+  no_decay = [p for n, p in named.items() if n.endswith("bias") or "LayerNorm" in n]
+  decay = [p for n, p in named.items() if not (n.endswith("bias") or "LayerNorm" in n)]
   o = config.optim
   optimizer = torch.optim.AdamW(
       [{"params": decay, "weight_decay": o.weight_decay},
@@ -316,25 +382,77 @@ def build_hf_bert(config, setup, corrupted: list[dict[str, Any]],
       np.arange(schedule_steps)), np.float64) / o.lr
   scheduler = torch.optim.lr_scheduler.LambdaLR(
       optimizer, lambda i: float(lr_table[min(i, schedule_steps - 1)]))
+  dtype = str(config.model.dtype)
+  autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+  return TorchPeer(name=name, model=model, optimizer=optimizer, scheduler=scheduler,
+                   batches=batches, device=device, autocast_dtype=autocast,
+                   clip_norm=float(o.clip_norm or 0.0),
+                   n_params=sum(p.numel() for p in named.values()),
+                   parameters=list(named.values()), loss_fn=loss_fn)
+
+
+def _electra_config(cfg, **kw):
+  import transformers
+  return transformers.ElectraConfig(
+      vocab_size=cfg.vocab_size, embedding_size=cfg.embed_size, hidden_size=cfg.hidden_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
+      hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
+      max_position_embeddings=cfg.max_position_embeddings,
+      type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
+      initializer_range=cfg.initializer_range, attn_implementation="sdpa", **kw)
+
+
+def build_hf_electra(config, setup, corrupted: list[dict[str, Any]],
+                     schedule_steps: int = 1000) -> TorchPeer:
+  """ELECTRA as its reference trains it, from transformers' classes: an ElectraForMaskedLM
+  generator and an ElectraForPreTraining discriminator sharing the embedding tables and
+  embedding LayerNorm; replacements sampled (Gumbel-max) at the masked positions without
+  gradient; loss = gen_weight x MLM + disc_weight x RTD."""
+  import torch
+  import transformers
+
+  cfg = setup.model.encoder_config
+  gen_cfg = _generator_config(setup)
+  rtd = _rtd_objective(setup)
+  if cfg.pre_layer_norm or cfg.num_layer_groups:
+    raise ValueError("--peer hf builds ELECTRA: pre-LN and layer sharing have no "
+                     "Electra* counterpart")
+  device = torch_device()
+  _torch_setup(device)
+  torch.manual_seed(config.seed)
+  disc = transformers.ElectraForPreTraining(_electra_config(cfg)).to(device)
+  gen = transformers.ElectraForMaskedLM(_electra_config(gen_cfg)).to(device)
+  gen.electra.embeddings = disc.electra.embeddings  # shared tables + embedding LayerNorm
+  gen.generator_lm_head.weight = disc.electra.embeddings.word_embeddings.weight
+  model = torch.nn.ModuleDict({"generator": gen, "discriminator": disc})
+  model.train()
 
   batches = []
   for c in corrupted:
-    labels = np.full(c["input_ids"].shape, -100, np.int64)
-    rows, cols = np.nonzero(c["mlm_weights"] > 0)
-    labels[rows, c["mlm_positions"][rows, cols]] = c["mlm_ids"][rows, cols]
-    b = {"input_ids": c["input_ids"], "token_type_ids": c["segment_ids"],
-         "attention_mask": c["attention_mask"], "labels": labels}
-    if pair:
-      b["next_sentence_label"] = c["sentence_label"]
-    batches.append({k: torch.as_tensor(np.asarray(v, np.int64), device=device)
-                    for k, v in b.items()})
-  dtype = str(cfg.dtype)
-  autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-  return TorchPeer(name=f"transformers {cls.__name__} (PyTorch {torch.__version__}, sdpa)",
-                   model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
-                   device=device,
-                   autocast_dtype=autocast, clip_norm=float(o.clip_norm or 0.0),
-                   n_params=sum(p.numel() for p in model.parameters()))
+    b = _to_torch({"input_ids": c["input_ids"], "token_type_ids": c["segment_ids"],
+                   "attention_mask": c["attention_mask"], "labels": _mlm_labels(c),
+                   "original_ids": c["original_ids"]}, device)
+    b["masked"] = b["labels"] != -100
+    batches.append(b)
+
+  def loss_fn(b):
+    g = gen(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+            attention_mask=b["attention_mask"], labels=b["labels"])
+    with torch.no_grad():
+      logits = g.logits[b["masked"]].float() / rtd.temperature
+      u = torch.rand_like(logits).clamp_(1e-9, 1.0)
+      sampled = torch.argmax(logits - torch.log(-torch.log(u)), dim=-1)
+      disc_ids = b["original_ids"].clone()
+      disc_ids[b["masked"]] = sampled
+      labels = (disc_ids != b["original_ids"]).long()
+    d = disc(input_ids=disc_ids, token_type_ids=b["token_type_ids"],
+             attention_mask=b["attention_mask"], labels=labels)
+    return rtd.gen_weight * g.loss + rtd.disc_weight * d.loss
+
+  return _torch_peer(f"transformers ElectraForMaskedLM + ElectraForPreTraining "
+                     f"(PyTorch {torch.__version__}, sdpa)", config, model, batches, device,
+                     schedule_steps, loss_fn=loss_fn)
 
 
 # ----------------------------------------------------------------------------- run

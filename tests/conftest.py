@@ -51,3 +51,19 @@ def tiny_config(tokenizer_path: str, cache_dir: str | None = None, **overrides):
     else:
       c[key] = value
   return c
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, bundled_tokenizer):
+  """An uninterrupted 6-step run (checkpoints at 2, 4, 6) to compare resumed runs with."""
+  from bert_jax import train
+  root = tmp_path_factory.mktemp("reference")
+  config = tiny_config(bundled_tokenizer, str(root / "cache"), train__steps=6)
+  train.train_and_evaluate(config, str(root / "run"))
+  return config, str(root / "run")
+
+
+def train_losses(workdir) -> dict[int, float]:
+  from bert_jax import metrics as metrics_lib
+  rows = metrics_lib.latest_rows(metrics_lib.read_metrics(workdir))
+  return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}

@@ -9,7 +9,7 @@ import pytest
 
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import train
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_losses
 from tests.test_train import SPECIAL, random_batch
 
 
@@ -58,3 +58,24 @@ def test_stop_policy_names_step_and_objective_and_keeps_checkpoint(
   for a, b in zip(jax.tree.leaves(params_after), jax.tree.leaves(params_before)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))
+
+
+def test_damaged_checkpoint_is_skipped_and_run_continues_identically(tmp_path, reference_run):
+  config, reference = reference_run
+  wd = tmp_path / "w"
+  train.train_and_evaluate(config, str(wd), stop_after=4)
+  # Damage checkpoint 4: truncate every file of its parameter state.
+  damaged = 0
+  for root, _, files in os.walk(wd / "checkpoints" / "4" / "state"):
+    for name in files:
+      path = os.path.join(root, name)
+      size = os.path.getsize(path)
+      if size > 16:
+        with open(path, "r+b") as f:
+          f.truncate(size // 3)
+        damaged += 1
+  assert damaged
+  train.train_and_evaluate(config, str(wd))  # resumes from 2, with a warning
+  assert list((wd / "checkpoints_unreadable").iterdir())
+  a, b = train_losses(reference), train_losses(wd)
+  assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]

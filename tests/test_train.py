@@ -14,7 +14,7 @@ import pytest
 from bert_jax import metrics as metrics_lib
 from bert_jax import sharding, train
 from objectives.base import SpecialIds
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, tiny_config, train_losses
 
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, first_regular=5, vocab_size=512)
 
@@ -92,19 +92,12 @@ def test_bad_mesh_and_batch_are_reported():
     sharding.make_mesh(c.mesh)
 
 
-def train_losses(workdir):
-  rows = metrics_lib.latest_rows(metrics_lib.read_metrics(workdir))
-  return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
-
-
-def test_resume_matches_uninterrupted_run(tmp_path, bundled_tokenizer):
-  cache = str(tmp_path / "cache")
-  full = tiny_config(bundled_tokenizer, cache, train__steps=6)
-  train.train_and_evaluate(full, str(tmp_path / "full"))
-  train.train_and_evaluate(full, str(tmp_path / "resumed"), stop_after=3)
+def test_resume_matches_uninterrupted_run(tmp_path, reference_run):
+  config, reference = reference_run
+  train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_after=3)
   assert sorted(train_losses(tmp_path / "resumed")) == [1, 2, 3]
-  summary = train.train_and_evaluate(full, str(tmp_path / "resumed"))
-  a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
+  summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  a, b = train_losses(reference), train_losses(tmp_path / "resumed")
   assert sorted(a) == sorted(b) == list(range(1, 7))
   assert [a[s] for s in a] == [b[s] for s in a]  # bit-identical on CPU
   assert summary.last_eval is not None and os.path.exists(summary.plot)

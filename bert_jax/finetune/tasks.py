@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax import heads
+from objectives.base import Objective
 
 KINDS = ("classification", "regression", "tagging", "qa", "multiple_choice")
 POOLED_KINDS = ("classification", "regression", "multiple_choice")
@@ -104,7 +105,7 @@ def task_loss(kind: str, outputs, batch) -> tuple[jax.Array, dict]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskObjective:
+class TaskObjective(Objective):
   """A fine-tuning task behind the objective contract of objectives/base.py."""
 
   kind: str
@@ -119,9 +120,11 @@ class TaskObjective:
     if self.kind not in KINDS:
       raise ValueError(f"task.kind: {self.kind!r} is not one of {KINDS}")
 
-  def corrupt(self, batch, key):
-    del key
-    return batch
+  @classmethod
+  def from_config(cls, config, special):
+    del config, special
+    raise TypeError("a fine-tuning task is not a registered pretraining objective: "
+                    "bert_jax.finetune.loop.build makes it (its outputs come from the data)")
 
   def head(self, encoder_config, name):
     return TaskHead(encoder_config, self.kind, self.num_outputs, self.dropout, name=name)
