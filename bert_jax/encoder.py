@@ -3,7 +3,14 @@
 BERT's architecture (learned absolute positions, token types, post-LN, GELU) with the
 variants other encoder families need as options of `EncoderConfig`, never as forks:
 pre-LN, factorized embeddings with a projection (ALBERT, ELECTRA), cross-layer sharing in
-groups (ALBERT), position offsets (RoBERTa), no token types (RoBERTa, DistilBERT).
+groups (ALBERT), position offsets (RoBERTa), no token types (RoBERTa, DistilBERT), and
+XLNet's relative attention (sinusoidal relative positions with content and position biases,
+segment-relative encodings, no embedding LayerNorm, no attention biases).
+
+Two-stream attention (XLNet's permutation LM): an optional query stream runs through every
+layer with the content stream's weights; its queries come from the query stream, its keys
+and values from the content stream, under its own mask. It may cover only some positions
+(`query_positions`), e.g. the prediction targets.
 
 Every parameter carries logical axis names (vocab, embed, heads, kv, mlp); the rules that
 map them onto the mesh (data, fsdp, tensor) live in the config and `bert_jax.sharding`.
@@ -30,6 +37,7 @@ ACTIVATIONS = {
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "explicit")
+POSITION_EMBEDDINGS = ("absolute", "relative")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -67,6 +75,14 @@ class EncoderConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # per-layer rematerialisation policy: none | full | dots
   attention_impl: str = "auto"  # auto | xla | cudnn | explicit
+  # "absolute": a learned table (BERT); "relative": XLNet/Transformer-XL sinusoidal
+  # relative encodings in every attention layer, with content (r_w_bias) and position
+  # (r_r_bias) biases; max_position_embeddings then only bounds the sequence length.
+  position_embedding: str = "absolute"
+  # XLNet: a segment term in attention (same or different segment: seg_embed, r_s_bias).
+  relative_segments: bool = False
+  embedding_norm: bool = True  # LayerNorm on the embeddings (XLNet: none)
+  attention_bias: bool = True  # biases of the query/key/value/output projections (XLNet: none)
 
   def __post_init__(self):
     def check(ok, field, msg):
@@ -86,6 +102,10 @@ class EncoderConfig:
           f"{self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
           f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    check(self.position_embedding in POSITION_EMBEDDINGS, "position_embedding",
+          f"{self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}")
+    check(self.position_embedding == "absolute" or self.hidden_size % 2 == 0,
+          "hidden_size", "relative (sinusoidal) encodings need an even hidden_size")
     if self.num_layer_groups is not None:
       check(1 <= self.num_layer_groups <= self.num_layers
             and self.num_layers % self.num_layer_groups == 0, "num_layer_groups",
@@ -158,34 +178,86 @@ def _as_4d_mask(mask: Array) -> Array:
   raise ValueError(f"attention mask must have 2, 3 or 4 dims, got shape {mask.shape}")
 
 
+def sinusoid_relative_encodings(klen: int, qlen: int, dim: int) -> Array:
+  """XLNet's relative encodings [klen + qlen, dim] for distances klen, klen-1, .., -qlen+1:
+  [sin(d * f), cos(d * f)] with f = 10000^(-2k/dim) (Transformer-XL, attn_type="bi")."""
+  distance = jnp.arange(klen, -qlen, -1, dtype=jnp.float32)
+  inv_freq = 1.0 / (10000 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  x = distance[:, None] * inv_freq[None, :]
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
+def rel_shift(x_BxNxQxR: Array, klen: int) -> Array:
+  """XLNet's rel_shift_bnij: scores against the distances klen..-qlen+1 [.., Q, R] ->
+  scores against the keys [.., Q, klen], entry [i, j] taken at distance i - j."""
+  b, n, q, r = x_BxNxQxR.shape
+  x = x_BxNxQxR.reshape(b, n, r, q)[:, :, 1:, :]
+  return x.reshape(b, n, q, r - 1)[..., :klen]
+
+
+def rel_gather(x_BxNxQxR: Array, q_positions_BxQ: Array, klen: int) -> Array:
+  """rel_shift for queries at arbitrary positions: entry [i, j] at distance pos(i) - j."""
+  index = klen - q_positions_BxQ[:, :, None] + jnp.arange(klen)[None, None, :]
+  return jnp.take_along_axis(x_BxNxQxR, index[:, None], axis=-1)
+
+
 class SelfAttention(nn.Module):
-  """Multi-head attention; queries may come from a second stream (two-stream PLM)."""
+  """Multi-head attention; queries may come from a second stream (two-stream PLM).
+
+  With relative positions (XLNet), `rel` holds "pos_emb" (the sinusoidal encodings of the
+  distances klen..-qlen+1, [R, hidden]), optionally "q_pos" ([B, Lq] sequence positions of
+  the queries; default 0..L-1) and "seg_diff" ([B, Lq, Lk] bool, relative_segments).
+  """
 
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array, mask: Array, *, deterministic: bool,
-               return_probs: bool = False) -> tuple[Array, Array | None]:
+               return_probs: bool = False, rel: dict[str, Array] | None = None
+               ) -> tuple[Array, Array | None]:
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     proj = functools.partial(
         nn.DenseGeneral, features=(cfg.num_heads, cfg.head_dim), dtype=dtype,
         param_dtype=pdtype, kernel_init=_dense_init(cfg, ("embed", "heads", "kv")),
-        bias_init=_zeros(("heads", "kv")))
+        bias_init=_zeros(("heads", "kv")), use_bias=cfg.attention_bias)
     q = proj(name="query")(x_q)
     k = proj(name="key")(x_kv)
     v = proj(name="value")(x_kv)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    scale = cfg.head_dim ** -0.5
+
+    bias = None  # [B, heads, Lq, Lk] fp32 scores added to the (scaled) content scores
+    if cfg.position_embedding == "relative":
+      if rel is None:
+        raise ValueError("relative attention needs the relative encodings (rel)")
+      head_param = lambda name, shape, axes: self.param(  # noqa: E731
+          name, _dense_init(cfg, axes), shape, pdtype).astype(dtype)
+      hd = (cfg.num_heads, cfg.head_dim)
+      r_w_bias = head_param("r_w_bias", hd, ("heads", "kv"))
+      r_r_bias = head_param("r_r_bias", hd, ("heads", "kv"))
+      k_r = proj(name="relative", use_bias=False)(rel["pos_emb"].astype(dtype))  # [R, n, d]
+      bd = jnp.einsum("bqnd,rnd->bnqr", q + r_r_bias, k_r).astype(jnp.float32)
+      klen = x_kv.shape[1]
+      bias = (rel_gather(bd, rel["q_pos"], klen) if "q_pos" in rel else rel_shift(bd, klen))
+      if cfg.relative_segments:
+        r_s_bias = head_param("r_s_bias", hd, ("heads", "kv"))
+        seg_embed = head_param("seg_embed", (2,) + hd, (None, "heads", "kv"))
+        ef = jnp.einsum("bqnd,snd->bnqs", q + r_s_bias, seg_embed).astype(jnp.float32)
+        bias = bias + jnp.where(rel["seg_diff"][:, None], ef[..., 1:], ef[..., :1])
+      bias = bias * scale
+      q = q + r_w_bias
 
     use_dropout = not deterministic and cfg.attention_dropout > 0
     # The fused path has no dropout on probabilities and does not return them.
     explicit = cfg.attention_impl == "explicit" or use_dropout or return_probs
     probs = None
     if explicit:
-      scale = cfg.head_dim ** -0.5
       logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(jnp.float32)
+      if bias is not None:
+        logits = logits + bias
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1)
       dropped = probs
@@ -194,12 +266,14 @@ class SelfAttention(nn.Module):
       ctx = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), v)
     else:
       impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+      ctx = jax.nn.dot_product_attention(
+          q, k, v, bias=None if bias is None else bias.astype(dtype), mask=mask,
+          implementation=impl)
     ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
     out = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
         kernel_init=_dense_init(cfg, ("heads", "kv", "embed")),
-        bias_init=_zeros(("embed",)), name="output")(ctx)
+        bias_init=_zeros(("embed",)), use_bias=cfg.attention_bias, name="output")(ctx)
     return out, probs
 
 
@@ -224,7 +298,9 @@ class Layer(nn.Module):
   """One transformer layer, post-LN (BERT) or pre-LN.
 
   With `query` given, the same weights also run the query stream of two-stream
-  attention: queries from `query`, keys and values from the content stream `x`.
+  attention: queries from `query`, keys and values from the content stream `x` (the
+  layer's input, as in XLNet), then the same residual, LayerNorms and feed-forward.
+  `rel` / `query_rel`: each stream's relative-attention inputs (see SelfAttention).
   """
 
   cfg: EncoderConfig
@@ -232,7 +308,8 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
                query: Array | None = None, query_mask: Array | None = None,
-               return_probs: bool = False):
+               return_probs: bool = False, rel: dict[str, Array] | None = None,
+               query_rel: dict[str, Array] | None = None):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     attention = SelfAttention(cfg, name="attention")
@@ -241,26 +318,26 @@ class Layer(nn.Module):
     ffn_norm = LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="ffn_norm")
     drop = nn.Dropout(cfg.hidden_dropout)
 
-    def block(h_q, kv_normed, m, probs_wanted):
+    def block(h_q, kv_normed, m, probs_wanted, r):
       # kv_normed: the (already normalised, for pre-LN) content stream used as keys/values.
       if cfg.pre_layer_norm:
         a, probs = attention(attention_norm(h_q), kv_normed, m, deterministic=deterministic,
-                             return_probs=probs_wanted)
+                             return_probs=probs_wanted, rel=r)
         h = h_q + drop(a, deterministic=deterministic)
         f = ffn(ffn_norm(h), deterministic=deterministic)
         return h + drop(f, deterministic=deterministic), probs
       a, probs = attention(h_q, kv_normed, m, deterministic=deterministic,
-                           return_probs=probs_wanted)
+                           return_probs=probs_wanted, rel=r)
       h = attention_norm(h_q + drop(a, deterministic=deterministic))
       f = ffn(h, deterministic=deterministic)
       return ffn_norm(h + drop(f, deterministic=deterministic)), probs
 
     kv = attention_norm(x) if cfg.pre_layer_norm else x
-    out, probs = block(x, kv, mask, return_probs)
+    out, probs = block(x, kv, mask, return_probs, rel)
     out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
     q_out = None
     if query is not None:
-      q_out, _ = block(query, kv, query_mask, False)
+      q_out, _ = block(query, kv, query_mask, False, query_rel)
       q_out = nn.with_logical_constraint(q_out, ("batch", "length", "embed"))
     return out, q_out, probs
 
@@ -277,14 +354,16 @@ class Embeddings(nn.Module):
     self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.embed_size, param_dtype=pdtype,
                                     dtype=DTYPES[cfg.dtype],
                                     embedding_init=init(("vocab", "embed")))
-    self.position_embeddings = nn.Embed(
-        cfg.max_position_embeddings, cfg.embed_size, param_dtype=pdtype,
-        dtype=DTYPES[cfg.dtype], embedding_init=init((None, "embed")))
+    if cfg.position_embedding == "absolute":
+      self.position_embeddings = nn.Embed(
+          cfg.max_position_embeddings, cfg.embed_size, param_dtype=pdtype,
+          dtype=DTYPES[cfg.dtype], embedding_init=init((None, "embed")))
     if cfg.type_vocab_size > 0:
       self.token_type_embeddings = nn.Embed(
           cfg.type_vocab_size, cfg.embed_size, param_dtype=pdtype, dtype=DTYPES[cfg.dtype],
           embedding_init=init((None, "embed")))
-    self.layer_norm = LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype])
+    if cfg.embedding_norm:
+      self.layer_norm = LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype])
     self.dropout = nn.Dropout(cfg.hidden_dropout)
     if cfg.embed_size != cfg.hidden_size:
       self.projection = nn.Dense(cfg.hidden_size, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
@@ -316,10 +395,15 @@ class Embeddings(nn.Module):
   def embed_vectors(self, vectors, segment_ids, position_ids, *, deterministic: bool) -> Array:
     """`embed` with the word vectors given ([.., embed_size]): e.g. a two-stream query
     stream that starts from a learned mask embedding plus its position's encodings."""
-    x = vectors.astype(DTYPES[self.cfg.dtype]) + self.position_embeddings(position_ids)
-    if self.cfg.type_vocab_size > 0:
+    cfg = self.cfg
+    x = vectors.astype(DTYPES[cfg.dtype])
+    if cfg.position_embedding == "absolute":
+      x = x + self.position_embeddings(position_ids)
+    if cfg.type_vocab_size > 0:
       x = x + self.token_type_embeddings(segment_ids)
-    return self.dropout(self.layer_norm(x), deterministic=deterministic)
+    if cfg.embedding_norm:
+      x = self.layer_norm(x)
+    return self.dropout(x, deterministic=deterministic)
 
   def project(self, x: Array) -> Array:
     if self.cfg.embed_size != self.cfg.hidden_size:
@@ -336,6 +420,12 @@ class Encoder(nn.Module):
 
   `inputs_embeds` ([B, L, embed_size], before the projection) replaces the embedding
   lookup, for towers that share another encoder's tables (ELECTRA's generator).
+
+  Two-stream attention: `query_states` [B, Lq, H] (after the embedding projection) with
+  `query_mask` ([B, Lq, L] or [B, L] keys it may see) run through every layer alongside the
+  content stream, which then attends under `attention_mask` [B, L, L]; `query_positions`
+  [B, Lq] are the positions the query rows stand for (needed with relative positions when
+  Lq != L; default 0..L-1).
 
   Returns a dict with "hidden_states" [B, L, H], and on request "all_hidden_states" (the
   embedding output then each layer's output), "attentions" (each layer's [B, heads, L, L]
@@ -354,6 +444,32 @@ class Encoder(nn.Module):
     self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(n_modules)]
     if cfg.pre_layer_norm:
       self.final_norm = LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype])
+    if cfg.position_embedding == "relative":
+      self.relative_dropout = nn.Dropout(cfg.hidden_dropout)
+
+  def relative_inputs(self, segment_ids: Array, query_positions: Array | None,
+                      query_len: int | None, *, deterministic: bool):
+    """The relative-attention inputs of the content stream and of the query stream."""
+    cfg = self.cfg
+    L = segment_ids.shape[1]
+    pos_emb = sinusoid_relative_encodings(L, L, cfg.hidden_size)
+    pos_emb = self.relative_dropout(pos_emb.astype(DTYPES[cfg.dtype]),
+                                    deterministic=deterministic)
+    rel = {"pos_emb": pos_emb}
+    if cfg.relative_segments:
+      rel["seg_diff"] = segment_ids[:, :, None] != segment_ids[:, None, :]
+    if query_len is None:
+      return rel, None
+    query_rel = {"pos_emb": pos_emb}
+    q_seg = segment_ids
+    if query_positions is not None:
+      query_rel["q_pos"] = query_positions
+      q_seg = jnp.take_along_axis(segment_ids, query_positions, axis=1)
+    elif query_len != L:
+      raise ValueError(f"a query stream of length {query_len} != {L} needs query_positions")
+    if cfg.relative_segments:
+      query_rel["seg_diff"] = q_seg[:, :, None] != segment_ids[:, None, :]
+    return rel, query_rel
 
   def layer_module(self, i: int) -> nn.Module:
     """The module that runs layer i (ALBERT shares one per group of consecutive layers)."""
@@ -363,8 +479,8 @@ class Encoder(nn.Module):
   def __call__(self, input_ids: Array, segment_ids: Array | None = None,
                attention_mask: Array | None = None, *, position_ids: Array | None = None,
                deterministic: bool = True, query_states: Array | None = None,
-               query_mask: Array | None = None, output_hidden_states: bool = False,
-               output_attentions: bool = False,
+               query_mask: Array | None = None, query_positions: Array | None = None,
+               output_hidden_states: bool = False, output_attentions: bool = False,
                inputs_embeds: Array | None = None) -> dict[str, Any]:
     cfg = self.cfg
     if attention_mask is None:
@@ -382,9 +498,15 @@ class Encoder(nn.Module):
     mask = _as_4d_mask(attention_mask)
     qmask = None if query_states is None else _as_4d_mask(query_mask)
     g = query_states
+    rel = query_rel = None
+    if cfg.position_embedding == "relative":
+      rel, query_rel = self.relative_inputs(
+          segment_ids, query_positions, None if g is None else g.shape[1],
+          deterministic=deterministic)
     hidden, attentions = [x], []
     for i in range(cfg.num_layers):
-      x, g, probs = self.layer_module(i)(x, mask, deterministic, g, qmask, output_attentions)
+      x, g, probs = self.layer_module(i)(x, mask, deterministic, g, qmask, output_attentions,
+                                         rel, query_rel)
       hidden.append(x)
       if output_attentions:
         attentions.append(probs)

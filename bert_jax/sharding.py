@@ -96,7 +96,13 @@ def batch_divisor(mesh: Mesh, rules: Rules) -> int:
 
 def tree_shardings(boxed_abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for a tree whose leaves are logically partitioned (or replicated)."""
-  specs = nn.get_partition_spec(boxed_abstract_tree)
+  # An optimizer's masked-out entries (optax.MaskedNode for frozen parameters) sit inside
+  # the parameter's logical box but hold no array: unbox them so both trees agree.
+  def drop_empty_box(x):
+    return x.unbox() if isinstance(x, nn.meta.AxisMetadata) and not jax.tree.leaves(x) else x
+  tree = jax.tree.map(drop_empty_box, boxed_abstract_tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  specs = nn.get_partition_spec(tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 

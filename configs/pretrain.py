@@ -56,6 +56,17 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   c.plm = ml_collections.ConfigDict(dict(
       partial_k=6, max_predictions=max(20, round(seq / 6 + 0.5)), max_span=5,
       whole_word=False, head_transform=True))
+  # Distillation (objectives/distill.py, docs/distill.md): teacher = a workdir (ours or
+  # imported); loss alpha_ce * T^2 * KL + alpha_mlm * MLM + alpha_cos * cosine (DistilBERT:
+  # 5, 2, 1, T=2); mode "layerwise" adds MobileBERT's per-layer feature-map MSE and
+  # attention KL, scheduled progressive | all_at_once | auxiliary over stage_steps per layer.
+  # student_layers: teacher layers copied into the student ("0,2,4,7,9,11"; "": every
+  # second); init_student copies embeddings, those layers and the MLM head.
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher="", teacher_step=-1, mode="distilbert", temperature=2.0, alpha_ce=5.0,
+      alpha_mlm=2.0, alpha_cos=1.0, alpha_hidden=1.0, alpha_attention=1.0,
+      schedule="progressive", stage_steps=max(1, steps // 20), init_student=True,
+      student_layers=""))
   c.data = ml_collections.ConfigDict(dict(
       source="bundled", train_files="", eval_files="", text_format="sentences",
       tfds_name="", tfds_data_dir="", tfds_text_key="text", train_split="train",
@@ -128,7 +139,39 @@ def electra(c: ml_collections.ConfigDict) -> None:
   c.optim.weight_decay = 0.01
 
 
-PRESETS = {"bert": bert, "roberta": roberta, "albert": albert, "electra": electra}
+def distilbert(c: ml_collections.ConfigDict) -> None:
+  """DistilBERT: a 6-layer student of the teacher's width, initialised from every second
+  teacher layer, trained on 5 * KL(T=2) + 2 * MLM + 1 * cosine; no token types.
+
+  The teacher is required: --config.distill.teacher=WORKDIR (match model.* widths and the
+  tokenizer to it; e.g. a bert,base teacher for distilbert,base).
+  """
+  c.family = "distilbert"
+  c.objectives = "distill:1.0"
+  c.model.num_layers = 6
+  c.model.type_vocab_size = 0  # the teacher's type-0 vector is folded into the positions
+  c.distill.mode = "distilbert"
+
+
+def mobilebert(c: ml_collections.ConfigDict) -> None:
+  """MobileBERT-style transfer (no bottleneck/NoNorm here; docs/distill.md): a student of the
+  teacher's depth at half its width, layer-wise feature-map MSE + attention KL, one stage
+  per layer (progressive), then pretraining distillation 0.5 * KL(T=1) + 0.5 * MLM.
+
+  The teacher is required: --config.distill.teacher=WORKDIR of this size's bert preset
+  (set model.num_layers/num_heads to the teacher's otherwise).
+  """
+  c.family = "bert"
+  c.objectives = "distill:1.0"
+  c.model.hidden_size //= 2
+  c.model.intermediate_size //= 2
+  c.distill.update(dict(mode="layerwise", schedule="progressive", init_student=False,
+                        temperature=1.0, alpha_ce=0.5, alpha_mlm=0.5, alpha_cos=0.0,
+                        stage_steps=max(1, c.train.steps // (2 * c.model.num_layers))))
+
+
+PRESETS = {"bert": bert, "roberta": roberta, "albert": albert, "electra": electra,
+           "distilbert": distilbert, "mobilebert": mobilebert}
 
 
 def get_config(arg: str = "bert,tiny") -> ml_collections.ConfigDict:

@@ -41,18 +41,23 @@ from ml_collections import config_flags
 from launch import config_cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/pretrain.py:bert,small",
-                                "Config file and preset, e.g. configs/pretrain.py:bert,small.")
-flags.DEFINE_enum("peer", "", ["", "hf"], "Also time this implementation in the same run.")
-flags.DEFINE_string("objective", "mlm", "Benchmark objective (see OBJECTIVES below).")
-flags.DEFINE_integer("steps", 20, "Timed steps per implementation (after warm-up).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation / before timing.")
-flags.DEFINE_integer("round_steps", 5, "Steps per block when alternating with the peer.")
-flags.DEFINE_integer("batch_size", None, "Global batch size (default: config.train.batch_size).")
-flags.DEFINE_integer("seq_len", None, "Sequence length (default: config.data.seq_len).")
-flags.DEFINE_integer("torch_threads", None,
-                     "torch intra-op threads for the peer (default: os.cpu_count()).")
-flags.DEFINE_string("out", "", "Write the results as JSON here.")
+
+
+def define_flags() -> None:
+  """The command line (defined only when run as a program, so the module imports cleanly
+  beside other launchers)."""
+  config_flags.DEFINE_config_file("config", "configs/pretrain.py:bert,small",
+                                  "Config file and preset, e.g. configs/pretrain.py:bert,small.")
+  flags.DEFINE_enum("peer", "", ["", "hf"], "Also time this implementation in the same run.")
+  flags.DEFINE_string("objective", "mlm", "Benchmark objective (see OBJECTIVES below).")
+  flags.DEFINE_integer("steps", 20, "Timed steps per implementation (after warm-up).")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation / before timing.")
+  flags.DEFINE_integer("round_steps", 5, "Steps per block when alternating with the peer.")
+  flags.DEFINE_integer("batch_size", None, "Global batch size (default: config.train.batch_size).")
+  flags.DEFINE_integer("seq_len", None, "Sequence length (default: config.data.seq_len).")
+  flags.DEFINE_integer("torch_threads", None,
+                       "torch intra-op threads for the peer (default: os.cpu_count()).")
+  flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -252,6 +257,14 @@ class Ours:
   def record_loss(self) -> None:
     if self._last is not None:
       self.losses.append(float(self._last[0]))
+
+
+def mesh_size(config) -> int:
+  """How many devices the config's mesh uses."""
+  import math
+  import jax
+  from bert_jax import sharding
+  return math.prod(sharding.mesh_shape(config.mesh, jax.device_count()))
 
 
 def _example_kind(setup) -> str:
@@ -490,7 +503,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
       "attention_impl": config.model.attention_impl, "remat": config.model.remat,
       "steps": steps, "warmup": warmup,
       "device": {"platform": device.platform, "device_kind": device.device_kind,
-                 "num_devices": jax.device_count(), "host": platform.node(),
+                 "num_devices": mesh_size(config), "host": platform.node(),
                  "cpu_count": os.cpu_count(), "processor": platform.processor()},
       "threads": {"jax": "default (XLA CPU thread pool over all cores)",
                   "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
@@ -499,7 +512,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
   }
 
   log(f"ours: building and compiling {result['preset']} {objective} "
-      f"(batch {batch_size} x {seq_len}, {dtype}) on {jax.device_count()} x "
+      f"(batch {batch_size} x {seq_len}, {dtype}) on {result['device']['num_devices']} x "
       f"{device.device_kind} ...")
   ours = Ours(config, batch_size, seq_len)
   t = time.perf_counter()
@@ -547,7 +560,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
   result["load_average"]["end"] = load_average()
 
   tokens = batch_size * seq_len
-  n_dev = jax.device_count()
+  n_dev = int(ours.mesh.devices.size)  # the peak is per device; the step uses the mesh's
 
   def figures(times, step_flops, first_s, n_params, losses):
     med = statistics.median(times)
@@ -661,5 +674,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=functools.partial(
       config_cli.parse_flags_checked, default="configs/pretrain.py:bert,small"))

@@ -89,7 +89,7 @@ def _import_builtin() -> None:
 
 
 _BUILTIN = ("objectives.mlm", "objectives.nsp", "objectives.sop", "objectives.rtd",
-            "objectives.plm")
+            "objectives.plm", "objectives.distill")
 
 __all__ = ["Objective", "SpecialIds", "WeightedObjective", "available", "build",
            "example_kind", "get", "parse_spec", "register"]

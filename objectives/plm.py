@@ -107,7 +107,7 @@ class PLMModule(nn.Module):
                                       deterministic=deterministic))
     out = encoder(ids, seg, batch["plm_content_mask"], position_ids=position_ids,
                   deterministic=deterministic, query_states=g,
-                  query_mask=batch["plm_query_mask"])
+                  query_mask=batch["plm_query_mask"], query_positions=positions)
     q = out["query_states"]
     if self.head_transform:
       return heads.MLMHead(cfg, name="head")(q, encoder)

@@ -117,3 +117,25 @@ def test_report_memory_of_a_compiled_step():
   assert r["total_bytes"] >= r["argument_bytes"] and r["mesh"] == {"data": 1}
   assert "GiB" in memory.format_report(r)
   memory.check_fits(r, jax.devices()[0])  # a few hundred KiB fit anywhere
+
+
+def test_electra_benchmark_runs_both_towers_like_the_peer():
+  """In process, one device of the mesh: ELECTRA's generator + discriminator vs the
+  transformers pair, the same parameter count and both steps timed."""
+  from configs.pretrain import get_config
+  from launch import benchmark
+  c = get_config("electra,tiny")
+  c.model.update(dict(vocab_size=512, hidden_size=32, num_heads=4, intermediate_size=64,
+                      num_layers=1, embedding_size=16, max_position_embeddings=32))
+  c.mesh.data = 1
+  res = benchmark.run(c, peer="hf", objective="electra", steps=1, warmup=1, round_steps=1,
+                      batch_size=4, seq_len=32, torch_threads=1, log=lambda _: None)
+  ours, peer = res["ours"], res["peer"]
+  assert res["device"]["num_devices"] == 1
+  assert ours["params"] == peer["params"]
+  assert "ElectraForPreTraining" in peer["name"]
+  assert ours["flops"]["dense"] == peer["flops"]["dense"]
+  assert peer["flops"]["output"] > ours["flops"]["output"] > 0
+  assert ours["loss_last"] > 0 and peer["loss_last"] > 0 and res["ratio_tokens_per_s"] > 0
+  with pytest.raises(ValueError, match="needs config.objectives='rtd:1.0'"):
+    benchmark.run(get_config("bert,tiny"), objective="electra")

@@ -123,3 +123,55 @@ def test_short_run_is_finite(tmp_path, bundled_tokenizer):
   summary = train.train_and_evaluate(c, str(tmp_path / "w"))
   assert summary.last_eval and np.isfinite(summary.last_eval["plm/loss"])
   assert 0 < summary.last_eval["plm/loss"] < 10
+
+
+# ----------------------------------------------------------------------------- XLNet
+
+XLNET_HF = dict(vocab_size=512, d_model=16, n_layer=2, n_head=2, d_inner=32, dropout=0.0,
+                initializer_range=0.3, ff_activation="gelu")
+
+
+def xlnet_batch(obj):
+  b = random_batch(3, 4, 24)
+  b["segment_ids"][:, 12:] = 1  # two segments: exercises the segment-relative term
+  b["segment_ids"] *= b["attention_mask"]
+  return corrupted(obj, b)
+
+
+def test_xlnet_encoder_does_not_leak():
+  from bert_jax import hf_xlnet
+  cfg = hf_xlnet.encoder_config_from_hf(dict(XLNET_HF, initializer_range=0.5))
+  check_no_leak(*forward_perturbed(cfg, plm_objective(head_transform=False)))
+
+
+def test_xlnet_parity_import_and_export(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from bert_jax import hf_xlnet
+  torch.manual_seed(0)
+  ref = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**XLNET_HF)).eval()
+  with torch.no_grad():  # non-zero biases and LayerNorms, so that a swapped one shows
+    for name, p in ref.named_parameters():
+      if name.endswith("bias") or "layer_norm" in name:
+        p.add_(0.3 * torch.randn_like(p))
+  ref.save_pretrained(tmp_path / "ref")
+  imported = hf_xlnet.load(str(tmp_path / "ref"))
+  assert imported.groups == ("plm",) and not imported.ignored
+
+  obj = plm_objective(head_transform=False)
+  b = xlnet_batch(obj)
+  ours = np.asarray(PretrainModel(imported.config, (obj,)).apply(
+      {"params": imported.params}, b, deterministic=True)["plm"])
+  inputs = {k: torch.tensor(v) for k, v in hf_xlnet.hf_permutation_inputs(b).items()}
+  with torch.no_grad():
+    theirs = ref(**inputs).logits.numpy()
+  w = b["plm_weights"] > 0
+  np.testing.assert_allclose(ours[w], theirs[w], atol=1e-4, rtol=0)
+
+  hf_xlnet.save_pretrained(str(tmp_path / "out"), imported.config, imported.params)
+  back = transformers.XLNetLMHeadModel.from_pretrained(tmp_path / "out").eval()
+  ref_state = ref.state_dict()
+  for k, v in back.state_dict().items():
+    assert torch.equal(v, ref_state[k]), k
+  with torch.no_grad():
+    np.testing.assert_array_equal(back(**inputs).logits.numpy(), theirs)

@@ -79,3 +79,33 @@ def test_damaged_checkpoint_is_skipped_and_run_continues_identically(tmp_path, r
   assert list((wd / "checkpoints_unreadable").iterdir())
   a, b = train_losses(reference), train_losses(wd)
   assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
+
+
+def test_sigterm_checkpoints_before_exit(tmp_path, bundled_tokenizer):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from tests.conftest import REPO
+  wd = tmp_path / "run"
+  args = [sys.executable, "-m", "launch.pretrain", f"--workdir={wd}",
+          "--config.objectives=mlm:1.0", "--config.model.vocab_size=512",
+          "--config.model.hidden_size=32", "--config.model.num_heads=4",
+          "--config.model.intermediate_size=64", f"--config.data.tokenizer={bundled_tokenizer}",
+          "--config.data.seq_len=64", "--config.train.batch_size=8",
+          "--config.train.steps=100000", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=100000", "--config.mlm.max_predictions=10"]
+  proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 400
+  while time.time() < deadline and not train_losses(wd).get(3):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert "checkpointed step" in out
+  steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] >= 3
+  assert max(train_losses(wd)) == steps[-1]

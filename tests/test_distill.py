@@ -1,0 +1,330 @@
+"""Distillation: the loss terms against PyTorch on transformers' forward passes, a frozen
+teacher (no update, no optimizer state), student-from-teacher initialisation, the
+progressive schedule, and a short run from a teacher pretrained by our own loop.
+
+The teacher and students are tiny random BertForMaskedLM models built here (no
+downloads), imported with bert_jax.hf; the teacher goes through an imported workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+F = torch.nn.functional
+
+from bert_jax import checkpoint, hf, sharding, train  # noqa: E402
+from bert_jax.encoder import EncoderConfig  # noqa: E402
+from objectives import distill  # noqa: E402
+from objectives.base import SpecialIds  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+
+VOCAB, B, L = 99, 8, 12
+SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, first_regular=5, vocab_size=VOCAB)
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=40, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0, attn_implementation="eager")
+TEACHER = dict(COMMON, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+               intermediate_size=64)
+STUDENT = dict(TEACHER, num_hidden_layers=2)  # DistilBERT-style: half the depth
+THIN = dict(TEACHER, hidden_size=16, intermediate_size=32)  # layer-wise: same depth, projected
+
+
+def build_hf(cfg: dict, path: str, seed: int):
+  torch.manual_seed(seed)
+  model = transformers.BertForMaskedLM(transformers.BertConfig(**cfg)).eval()
+  with torch.no_grad():  # LayerNorms and biases away from their trivial initial values
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  root = tmp_path_factory.mktemp("distill")
+  out = types.SimpleNamespace(teacher_wd=str(root / "teacher_wd"))
+  for name, cfg, seed in (("teacher", TEACHER, 0), ("student", STUDENT, 1), ("thin", THIN, 2)):
+    path = str(root / name)
+    setattr(out, name, build_hf(cfg, path, seed))
+    setattr(out, name + "_imported", hf.load(path))
+  hf.import_to_workdir(str(root / "teacher"), out.teacher_wd)
+  return out
+
+
+def distill_config(teacher_wd: str, student: EncoderConfig, **distill_fields):
+  c = tiny_config("unused")
+  c.objectives = "distill:1.0"
+  c.model.update({k: v for k, v in student.to_dict().items() if k in c.model})
+  c.data.seq_len = L
+  c.mlm.update(dict(max_predictions=4, rate=0.25))
+  c.distill.teacher = teacher_wd
+  c.distill.update(distill_fields)
+  return c
+
+
+def make_batch(seed: int = 0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(L // 2, L + 1, size=B)
+  lengths[0] = L
+  mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(5, VOCAB, size=(B, L)).astype(np.int32) * mask
+  ids[:, 0] = 2
+  word_ids = np.where(mask == 1, np.arange(L)[None], -1).astype(np.int32)
+  word_ids[:, 0] = -1
+  return {"input_ids": ids, "segment_ids": np.zeros_like(ids), "attention_mask": mask,
+          "word_ids": word_ids, "example_id": np.arange(B, dtype=np.int32),
+          "epoch": np.zeros(B, np.int32)}
+
+
+def fresh_params(setup, objective, batch, student=None):
+  """Initialised params with the teacher loaded; the student replaced by `student`."""
+  init = jax.jit(lambda b: nn.meta.unbox(setup.model.init(
+      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+      train.corrupt(setup, b, jax.random.PRNGKey(0)), deterministic=True)["params"]))
+  params = objective.initialize(init(batch))
+  if student is not None:
+    params = dict(params, encoder=student.params["encoder"], mlm=student.params["mlm"])
+  return params
+
+
+def torch_forward(model, batch):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(np.asarray(batch["input_ids"]), dtype=torch.long),
+                 token_type_ids=torch.tensor(np.asarray(batch["segment_ids"]), dtype=torch.long),
+                 attention_mask=torch.tensor(np.asarray(batch["attention_mask"])),
+                 output_hidden_states=True, output_attentions=True)
+
+
+def at_masked(x, batch):
+  """[B, L, ...] torch tensor -> [N, ...] at the masked positions with weight 1."""
+  pos, w = np.asarray(batch["mlm_positions"]), np.asarray(batch["mlm_weights"]) > 0
+  rows = np.repeat(np.arange(B)[:, None], pos.shape[1], 1)
+  return x[torch.tensor(rows[w]), torch.tensor(pos[w])]
+
+
+def mean(metrics, key):
+  total, count = metrics[key]
+  return float(total) / float(count)
+
+
+def test_distilbert_terms_match_torch(models):
+  c = distill_config(models.teacher_wd, models.student_imported.config, init_student=False)
+  setup = train.build_setup(c, SPECIAL)
+  obj = setup.objectives[0].objective
+  assert not obj.project and obj.frozen_paths() == (("distill", "teacher"),)
+  batch = train.corrupt(setup, make_batch(), jax.random.PRNGKey(3))
+  params = fresh_params(setup, obj, batch, models.student_imported)
+  loss, m = jax.jit(lambda p, b: train.compute_loss(p, setup, b, jax.random.PRNGKey(0), True))(
+      params, batch)
+
+  t, s = torch_forward(models.teacher, batch), torch_forward(models.student, batch)
+  T = 2.0
+  s_logits, t_logits = at_masked(s.logits, batch), at_masked(t.logits, batch)
+  assert s_logits.shape[0] == float(m["distill/kl_loss"][1]) > 0
+  kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.softmax(t_logits / T, -1),
+                reduction="batchmean") * T ** 2
+  ids = torch.tensor(np.asarray(batch["mlm_ids"])[np.asarray(batch["mlm_weights"]) > 0])
+  ce = F.cross_entropy(s_logits, ids.long())
+  keep = torch.tensor(np.asarray(batch["attention_mask"]) > 0)
+  s_h, t_h = s.hidden_states[-1][keep], t.hidden_states[-1][keep]
+  cos = F.cosine_embedding_loss(s_h, t_h, torch.ones(s_h.shape[0]))
+  np.testing.assert_allclose(mean(m, "distill/kl_loss"), kl.item(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(mean(m, "distill/mlm_loss"), ce.item(), rtol=1e-4)
+  np.testing.assert_allclose(mean(m, "distill/cos_loss"), cos.item(), rtol=1e-4, atol=1e-6)
+  acc = (s_logits.argmax(-1) == ids).float().mean().item()
+  np.testing.assert_allclose(mean(m, "distill/accuracy"), acc, atol=1e-6)
+  np.testing.assert_allclose(float(loss), 5 * kl.item() + 2 * ce.item() + cos.item(),
+                             rtol=1e-4)
+
+
+def test_layerwise_terms_match_torch_and_progressive_cuts_gradients(models):
+  stage_steps = 5
+  c = distill_config(models.teacher_wd, models.thin_imported.config, mode="layerwise",
+                     init_student=False, stage_steps=stage_steps, alpha_hidden=1.0,
+                     alpha_attention=3.0)
+  setup = train.build_setup(c, SPECIAL)
+  obj = setup.objectives[0].objective
+  assert obj.project and not obj.uses_shared_forward
+  batch = train.corrupt(setup, make_batch(1), jax.random.PRNGKey(4))
+  params = fresh_params(setup, obj, batch, models.thin_imported)
+  stage = 1
+  batch["step"] = jnp.full((B,), stage * stage_steps + 2, jnp.int32)
+  grad_fn = jax.jit(jax.value_and_grad(
+      lambda p, b: train.compute_loss(p, setup, b, jax.random.PRNGKey(0), True), has_aux=True))
+  (loss, m), grads = grad_fn(params, batch)
+
+  t, s = torch_forward(models.teacher, batch), torch_forward(models.thin, batch)
+  proj = params["distill"]["projection"]
+  kernel, bias = (torch.tensor(np.asarray(proj[k])) for k in ("kernel", "bias"))
+  keep = torch.tensor(np.asarray(batch["attention_mask"]) > 0)
+  mse, att = [], []
+  for layer in range(4):
+    s_h = s.hidden_states[layer + 1] @ kernel + bias
+    mse.append(F.mse_loss(s_h[keep], t.hidden_states[layer + 1][keep]).item())
+    # [B, heads, Lq, Lk] -> the non-pad queries' rows [N, heads, Lk]
+    s_a, t_a = (x.attentions[layer].permute(0, 2, 1, 3)[keep] for x in (s, t))
+    kl = F.kl_div(torch.log(s_a.clamp_min(1e-30)), t_a, reduction="sum") / (s_a.shape[0] * 4)
+    att.append(kl.item())
+  np.testing.assert_allclose(mean(m, "distill/hidden_loss"), np.mean(mse), rtol=1e-4)
+  np.testing.assert_allclose(mean(m, "distill/attention_loss"), np.mean(att), rtol=1e-4,
+                             atol=1e-6)
+  # Stage 1 of progressive transfer: layer 1's terms alone, no pretraining distillation.
+  assert mean(m, "distill/stage") == stage
+  np.testing.assert_allclose(float(loss), mse[stage] + 3.0 * att[stage], rtol=1e-4)
+
+  def norm(tree):
+    return float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
+
+  enc = grads["encoder"]
+  assert norm(enc["embeddings"]) == norm(enc["layer_0"]) == 0.0  # cut below the stage
+  assert norm(enc["layer_2"]) == norm(enc["layer_3"]) == 0.0  # no loss above it
+  assert norm(enc["layer_1"]) > 0 and norm(grads["distill"]["projection"]) > 0
+  assert norm(grads["mlm"]) == 0.0 and norm(grads["distill"]["teacher"]) == 0.0
+
+
+def test_transfer_schedule():
+  ts = functools.partial(distill.transfer_schedule, num_layers=3, stage_steps=10)
+  w, pd, stage, cut = ts(25, schedule="progressive")
+  np.testing.assert_array_equal(w, [0, 0, 1])
+  assert (float(pd), int(stage), int(cut)) == (0.0, 2, 2)
+  w, pd, stage, cut = ts(30, schedule="progressive")  # then pretraining distillation
+  np.testing.assert_array_equal(w, [0, 0, 0])
+  assert (float(pd), int(stage), int(cut)) == (1.0, 3, -1)
+  w, pd, _, cut = ts(29, schedule="all_at_once")
+  np.testing.assert_allclose(w, [1 / 3] * 3)
+  assert (float(pd), int(cut)) == (0.0, -1)
+  w, pd, _, _ = ts(30, schedule="all_at_once")
+  assert float(pd) == 1.0 and not np.any(w)
+  w, pd, _, cut = ts(0, schedule="auxiliary")
+  np.testing.assert_allclose(w, [1 / 3] * 3)
+  assert (float(pd), int(cut)) == (1.0, -1)
+
+
+def test_student_from_teacher_copies_the_named_layers():
+  rng = np.random.default_rng(0)
+
+  def tree(n_layers, types=True):
+    dense = lambda: {"kernel": rng.normal(size=(4, 4)), "bias": rng.normal(size=4)}  # noqa: E731
+    emb = {"word_embeddings": {"embedding": rng.normal(size=(10, 4))},
+           "position_embeddings": {"embedding": rng.normal(size=(6, 4))},
+           "layer_norm": {"norm": {"scale": rng.normal(size=4), "bias": rng.normal(size=4)}}}
+    if types:
+      emb["token_type_embeddings"] = {"embedding": rng.normal(size=(2, 4))}
+    enc = {"embeddings": emb, **{f"layer_{i}": {"ffn": dense()} for i in range(n_layers)}}
+    return enc, {"head": {"transform": dense(), "bias": rng.normal(size=10)}}
+
+  t_enc, t_mlm = tree(4)
+  s_enc, s_mlm = tree(2)
+  cfg = EncoderConfig(vocab_size=10, hidden_size=4, num_layers=4, num_heads=1)
+  enc, mlm = distill.student_from_teacher(s_enc, s_mlm, t_enc, t_mlm, (3, 1), cfg)
+  eq = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+  assert eq(enc["layer_0"], t_enc["layer_3"]) and eq(enc["layer_1"], t_enc["layer_1"])
+  assert not eq(enc["layer_0"], t_enc["layer_0"]) and not eq(enc["layer_1"], t_enc["layer_2"])
+  assert eq(enc["embeddings"], t_enc["embeddings"]) and eq(mlm, t_mlm)
+  assert sorted(enc) == ["embeddings", "layer_0", "layer_1"]
+  # A student without token types (DistilBERT): type 0 folded into the positions.
+  s_enc, _ = tree(2, types=False)
+  enc, _ = distill.student_from_teacher(s_enc, s_mlm, t_enc, t_mlm, (0, 2), cfg)
+  assert "token_type_embeddings" not in enc["embeddings"]
+  np.testing.assert_array_equal(
+      enc["embeddings"]["position_embeddings"]["embedding"],
+      t_enc["embeddings"]["position_embeddings"]["embedding"]
+      + t_enc["embeddings"]["token_type_embeddings"]["embedding"][0])
+  assert distill.parse_layers("", 12, 6) == (0, 2, 4, 6, 8, 10)
+  assert distill.parse_layers("0,2,4,7,9,11", 12, 6) == (0, 2, 4, 7, 9, 11)
+  with pytest.raises(ValueError, match="names 2 teacher layers for a student of 3"):
+    distill.parse_layers("0,1", 4, 3)
+
+
+def test_config_errors(models):
+  thin = models.thin_imported.config
+  with pytest.raises(ValueError, match="student's hidden_size 16 differs from the teacher's 32"):
+    train.build_setup(distill_config(models.teacher_wd, thin), SPECIAL)
+  with pytest.raises(ValueError, match="num_layers 2 must equal the teacher's 4"):
+    train.build_setup(distill_config(models.teacher_wd, models.student_imported.config,
+                                     mode="layerwise", init_student=False), SPECIAL)
+  c = distill_config(models.teacher_wd, models.student_imported.config)
+  c.objectives = "mlm:1.0,distill:1.0"
+  with pytest.raises(ValueError, match="drop 'mlm'"):
+    train.build_setup(c, SPECIAL)
+  with pytest.raises(ValueError, match="distill.teacher: give the teacher's workdir"):
+    train.build_setup(distill_config("", thin), SPECIAL)
+
+
+def test_train_step_leaves_the_teacher_alone(models):
+  c = distill_config(models.teacher_wd, models.student_imported.config)  # layers 0, 2
+  setup = train.build_setup(c, SPECIAL)
+  mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c.sharding)
+  state, shardings = train.init_state(setup, 0, make_batch(), mesh, rules)
+  teacher = models.teacher_imported.params
+  copied = jax.device_get(state.params)
+  eq = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+  assert eq(copied["distill"]["teacher"], {"encoder": teacher["encoder"], "mlm": teacher["mlm"]})
+  assert eq(copied["encoder"]["embeddings"], teacher["encoder"]["embeddings"])
+  assert eq(copied["encoder"]["layer_0"], teacher["encoder"]["layer_0"])
+  assert eq(copied["encoder"]["layer_1"], teacher["encoder"]["layer_2"])
+  assert not eq(copied["encoder"]["layer_1"], teacher["encoder"]["layer_1"])
+  assert eq(copied["mlm"], teacher["mlm"]) and "projection" not in copied["distill"]
+
+  # No optimizer state for the teacher: AdamW's moments cover the student alone.
+  student_size = train.count_params(copied) - train.count_params(copied["distill"]["teacher"])
+  moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  assert moments == 2 * student_size
+  inner = state.opt_state.inner_states
+  assert not jax.tree.leaves(inner["frozen"])  # set_to_zero: EmptyState
+  adam = [s for s in jax.tree.leaves(inner["train"].inner_state,
+                                     is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0]
+  import optax
+  assert isinstance(adam.mu["distill"]["teacher"]["encoder"]["layer_0"]["ffn"]["output"]["kernel"],
+                    optax.MaskedNode)
+
+  bs = sharding.batch_sharding(mesh, rules)
+  with sharding.activate(mesh, rules):
+    step = jax.jit(functools.partial(train.train_step, setup=setup),
+                   in_shardings=(shardings, bs), out_shardings=(shardings, None))
+    new, m = step(state, train.to_global(make_batch(5), bs))
+  after = jax.device_get(new.params)
+  assert eq(after["distill"]["teacher"], copied["distill"]["teacher"])  # bit-identical
+  assert not eq(after["encoder"]["layer_0"], copied["encoder"]["layer_0"])
+  assert not eq(after["mlm"], copied["mlm"])
+  assert all(np.isfinite(float(v[0])) for v in m.values())
+
+
+def test_two_step_run_from_a_pretrained_teacher(bundled_tokenizer, tmp_path):
+  cache = str(tmp_path / "cache")
+  common = dict(steps=2, batch_size=8, eval_every=2, checkpoint_every=2, eval_batches=1)
+
+  def config(**kw):
+    c = tiny_config(bundled_tokenizer, cache)
+    c.data.seq_len = 32
+    c.train.update(common)
+    c.model.update(kw)
+    return c
+
+  teacher = config()
+  summary = train.train_and_evaluate(teacher, str(tmp_path / "teacher"))
+  assert summary.last_eval is not None
+
+  c = config(num_layers=1)
+  c.objectives = "distill:1.0"
+  c.distill.update(dict(teacher=str(tmp_path / "teacher"), student_layers="1"))
+  summary = train.train_and_evaluate(c, str(tmp_path / "student"))
+  ev = summary.last_eval
+  for k in ("kl_loss", "mlm_loss", "cos_loss", "accuracy"):
+    assert np.isfinite(ev[f"distill/{k}"]), k
+  t_params, _ = checkpoint.restore_params(str(tmp_path / "teacher"))
+  s_params, step = checkpoint.restore_params(str(tmp_path / "student"))
+  assert step == 2
+  for a, b in zip(jax.tree.leaves(s_params["distill"]["teacher"]),
+                  jax.tree.leaves({"encoder": t_params["encoder"], "mlm": t_params["mlm"]})):
+    np.testing.assert_array_equal(a, b)
+  assert os.path.isfile(os.path.join(str(tmp_path / "student"), "config.json"))
