@@ -170,8 +170,29 @@ def mobilebert(c: ml_collections.ConfigDict) -> None:
                         stage_steps=max(1, c.train.steps // (2 * c.model.num_layers))))
 
 
+def xlnet(c: ml_collections.ConfigDict) -> None:
+  """XLNet without memory: permutation LM (1/6 of the tokens, spans <= 5) with two-stream
+  attention; relative sinusoidal positions and segment-relative attention, no absolute
+  positions or token types, no embedding LayerNorm or attention biases; XLNet's head (tied
+  embeddings + bias). base = XLNet-Base's shape (L12/H768, seq 512, 32k vocabulary).
+  """
+  c.family = "xlnet"
+  c.objectives = "plm:1.0"
+  c.model.update(dict(type_vocab_size=0, hidden_act="gelu", layer_norm_eps=1e-12))
+  # Fields the other presets leave at EncoderConfig's defaults (absolute, on, on, off).
+  c.model.position_embedding = "relative"
+  c.model.relative_segments = True
+  c.model.embedding_norm = False
+  c.model.attention_bias = False
+  c.plm.head_transform = False
+  if c.size == "base":
+    c.model.vocab_size = 32000
+    c.data.vocab_size = 32000
+
+
 PRESETS = {"bert": bert, "roberta": roberta, "albert": albert, "electra": electra,
-           "distilbert": distilbert, "mobilebert": mobilebert}
+           "distilbert": distilbert, "mobilebert": mobilebert,
+           "xlnet": xlnet}
 
 
 def get_config(arg: str = "bert,tiny") -> ml_collections.ConfigDict:

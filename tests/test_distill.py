@@ -66,6 +66,8 @@ def distill_config(teacher_wd: str, student: EncoderConfig, **distill_fields):
   c.model.update({k: v for k, v in student.to_dict().items() if k in c.model})
   c.data.seq_len = L
   c.mlm.update(dict(max_predictions=4, rate=0.25))
+  c.optim.warmup_steps = 0  # a real update at the first step
+  c.mesh.data = 1  # one device: sharding is tested elsewhere, compiles are cheaper
   c.distill.teacher = teacher_wd
   c.distill.update(distill_fields)
   return c
@@ -306,6 +308,7 @@ def test_two_step_run_from_a_pretrained_teacher(bundled_tokenizer, tmp_path):
   def config(**kw):
     c = tiny_config(bundled_tokenizer, cache)
     c.data.seq_len = 32
+    c.mesh.data = 1
     c.train.update(common)
     c.model.update(kw)
     return c

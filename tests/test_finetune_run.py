@@ -114,10 +114,12 @@ def preset_workdir(family: str, tok_path: str, path: str) -> dict:
   setup = train.build_setup(c, train.special_ids(load_tokenizer(tok_path)))
   kind = train.objectives_lib.example_kind(setup.objectives)
   key = jax.random.PRNGKey(0)
-  batch = train.corrupt(setup, train.dummy_batch(8, 64, kind), key)
-  variables = jax.jit(lambda b: setup.model.init({"params": key, "dropout": key}, b,
-                                                 deterministic=True))(batch)
-  params = nn.meta.unbox(variables["params"])
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(setup.model.init(
+      {"params": key, "dropout": key},
+      train.corrupt(setup, jax.tree.map(jax.numpy.asarray, train.dummy_batch(8, 64, kind)),
+                    key), deterministic=True)))
+  rng = np.random.default_rng(0)  # values do not matter, only that they come back: no compile
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), shapes["params"])
   for w in setup.objectives:  # e.g. the distillation teacher
     params = w.objective.initialize(params)
   os.makedirs(path)
@@ -164,7 +166,7 @@ def test_mismatches_are_clear_errors(pretrained, bundled_tokenizer, tmp_path):
   with pytest.raises(ValueError, match="seq_len=128 is longer than the position table.*64"):
     loop.finetune(long, str(tmp_path / "long"))
   with pytest.raises(ValueError, match="does not fit the model.*missing.*layer_2"):
-    loop.finetune(ft_config(variant("deeper", num_layers=3)), str(tmp_path / "deeper"))
+    loop.finetune(ft_config(variant("deeper", num_layers=3)), str(tmp_path / "ft_deeper"))
   with pytest.raises(ValueError, match="needs a tokenizer"):
     restore.load_init(ft_config(""))
   scratch = ft_config("")

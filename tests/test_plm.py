@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -131,11 +132,15 @@ XLNET_HF = dict(vocab_size=512, d_model=16, n_layer=2, n_head=2, d_inner=32, dro
                 initializer_range=0.3, ff_activation="gelu")
 
 
-def xlnet_batch(obj):
+def xlnet_batch_raw():
   b = random_batch(3, 4, 24)
   b["segment_ids"][:, 12:] = 1  # two segments: exercises the segment-relative term
   b["segment_ids"] *= b["attention_mask"]
-  return corrupted(obj, b)
+  return b
+
+
+def xlnet_batch(obj):
+  return corrupted(obj, xlnet_batch_raw())
 
 
 def test_xlnet_encoder_does_not_leak():
@@ -159,14 +164,16 @@ def test_xlnet_parity_import_and_export(tmp_path):
   assert imported.groups == ("plm",) and not imported.ignored
 
   obj = plm_objective(head_transform=False)
-  b = xlnet_batch(obj)
-  ours = np.asarray(PretrainModel(imported.config, (obj,)).apply(
-      {"params": imported.params}, b, deterministic=True)["plm"])
+  b = xlnet_batch(obj)  # two segments, padding, a random permutation
   inputs = {k: torch.tensor(v) for k, v in hf_xlnet.hf_permutation_inputs(b).items()}
   with torch.no_grad():
     theirs = ref(**inputs).logits.numpy()
   w = b["plm_weights"] > 0
-  np.testing.assert_allclose(ours[w], theirs[w], atol=1e-4, rtol=0)
+  for impl in ("auto", "explicit"):  # fused attention with a bias; explicit scores
+    cfg = dataclasses.replace(imported.config, attention_impl=impl)
+    ours = np.asarray(PretrainModel(cfg, (obj,)).apply(
+        {"params": imported.params}, b, deterministic=True)["plm"])
+    np.testing.assert_allclose(ours[w], theirs[w], atol=1e-4, rtol=0, err_msg=impl)
 
   hf_xlnet.save_pretrained(str(tmp_path / "out"), imported.config, imported.params)
   back = transformers.XLNetLMHeadModel.from_pretrained(tmp_path / "out").eval()
@@ -175,3 +182,28 @@ def test_xlnet_parity_import_and_export(tmp_path):
     assert torch.equal(v, ref_state[k]), k
   with torch.no_grad():
     np.testing.assert_array_equal(back(**inputs).logits.numpy(), theirs)
+
+
+def test_xlnet_preset_builds_and_every_parameter_learns():
+  import objectives
+  from bert_jax import hf_xlnet
+  from configs.pretrain import get_config
+  for size in ("tiny", "small", "base"):
+    c = get_config(f"xlnet,{size}")
+    hf_xlnet.check_exportable(EncoderConfig.from_dict(c.model))
+    (w,) = objectives.build(c, SPECIAL)
+    assert w.objective.name == "plm" and not w.objective.head_transform
+  c.unlock()
+  c.model.update(dict(vocab_size=512, hidden_size=16, num_heads=2, intermediate_size=32,
+                      num_layers=1))
+  c.plm.max_predictions = 8
+  setup = train.build_setup(c, SPECIAL)
+  batch = setup.objectives[0].objective.corrupt(xlnet_batch_raw(), jax.random.PRNGKey(0))
+  params = nn.meta.unbox(setup.model.init(jax.random.PRNGKey(1), batch,
+                                          deterministic=True)["params"])
+  grads = jax.jit(jax.grad(lambda p: train.compute_loss(
+      p, setup, batch, jax.random.PRNGKey(2), False)[0]))(params)
+  norms = {"/".join(k.key for k in path): float(np.abs(g).max())
+           for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+  assert "encoder/layer_0/attention/seg_embed" in norms and "plm/mask_emb" in norms
+  assert all(np.isfinite(v) and v > 0 for v in norms.values()), norms
