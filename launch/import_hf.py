@@ -22,8 +22,8 @@ flags.DEFINE_string("hf_dir", None, "A transformers model directory (config.json
                     "model.safetensors or pytorch_model.bin).", required=True)
 flags.DEFINE_string("workdir", None, "The new bert-jax workdir.", required=True)
 flags.DEFINE_string("generator_dir", None, "ELECTRA: the generator (ElectraForMaskedLM) of "
-                    "the discriminator in --hf_dir; both go into one RTD tree so that "
-                    "pretraining can continue with rtd:1.0.")
+                    "the discriminator in --hf_dir; both go into one tree of the rtd "
+                    "objective's layout (params['rtd']['generator'], ...).")
 flags.DEFINE_enum("size", "tiny", ["tiny", "small", "base"],
                   "Preset whose training fields (batch, steps, lr) the config starts from.")
 
