@@ -422,8 +422,18 @@ FAMILIES: dict[str, Family] = {
 IGNORED = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
 
 
+# Families whose import/export lives in a module of its own (different attention).
+SEPARATE_FAMILIES = {"xlnet": "bert_jax.hf_xlnet"}
+
+
+def _separate(model_type: str | None):
+  import importlib
+  name = SEPARATE_FAMILIES.get(model_type or "")
+  return importlib.import_module(name) if name else None
+
+
 def supported_model_types() -> list[str]:
-  return sorted(FAMILIES)
+  return sorted(set(FAMILIES) | set(SEPARATE_FAMILIES))
 
 
 def get_family(model_type: str | None) -> Family:
@@ -651,7 +661,8 @@ class Imported:
   @property
   def objectives(self) -> str:
     """The objectives string these heads serve, e.g. "mlm:1.0,nsp:1.0"."""
-    return ",".join(f"{g}:1.0" for g in self.groups if g in ("mlm", "nsp", "sop", "rtd"))
+    return ",".join(f"{g}:1.0" for g in self.groups
+                    if g in ("mlm", "nsp", "sop", "rtd", "plm"))
 
 
 def _normalize_keys(family: Family, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -664,6 +675,9 @@ def _normalize_keys(family: Family, state: dict[str, np.ndarray]) -> dict[str, n
 def load(path: str, **config_overrides: Any) -> Imported:
   """Reads a transformers directory into our full pretraining parameter tree."""
   hf_config, state = read_checkpoint(path)
+  separate = _separate(hf_config.get("model_type"))
+  if separate is not None:
+    return separate.load(path, **config_overrides)
   family = get_family(hf_config.get("model_type"))
   cfg = encoder_config_from_hf(hf_config, **config_overrides)
   state = _normalize_keys(family, state)
@@ -802,6 +816,10 @@ def save_pretrained(out_dir: str, family_name: str, cfg: EncoderConfig,
   """Writes config.json + model.safetensors; returns the config written."""
   from safetensors.numpy import save_file
 
+  separate = _separate(family_name)
+  if separate is not None:
+    return separate.save_pretrained(out_dir, cfg, params, base_config=base_config,
+                                    special_ids=special_ids)
   family = get_family(family_name)
   state, arch = export_state_dict(family_name, cfg, params, heads_mode)
   hf_config = hf_config_from_encoder(family, cfg, arch.cls, base_config, special_ids)
@@ -1079,7 +1097,8 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
     tok = SentencePieceTokenizer(spm_path)
     special = {"pad_token_id": tok.pad_id, "bos_token_id": tok.cls_id,
                "eos_token_id": tok.sep_id}
-  known = {g.name for g in get_family(family).groups}
+  known = ({"plm"} if _separate(family) is not None
+           else {g.name for g in get_family(family).groups})
   skipped = sorted(set(params) - known - {"encoder"})
   if skipped:
     log.info("not exported (no transformers counterpart): %s", skipped)

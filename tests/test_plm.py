@@ -207,3 +207,24 @@ def test_xlnet_preset_builds_and_every_parameter_learns():
            for path, g in jax.tree_util.tree_leaves_with_path(grads)}
   assert "encoder/layer_0/attention/seg_embed" in norms and "plm/mask_emb" in norms
   assert all(np.isfinite(v) and v > 0 for v in norms.values()), norms
+
+
+def test_xlnet_workdir_import_export_round_trip(tmp_path):
+  """launch.import_hf / export_hf paths: an XLNetLMHeadModel crosses both ways intact."""
+  transformers = pytest.importorskip("transformers")
+  from bert_jax import hf
+  cfg = transformers.XLNetConfig(vocab_size=99, d_model=32, n_layer=2, n_head=4, d_inner=64)
+  transformers.XLNetLMHeadModel(cfg).eval().save_pretrained(tmp_path / "src")
+  imported = hf.load(str(tmp_path / "src"))
+  assert imported.family == "xlnet" and imported.objectives == "plm:1.0"
+  hf.import_to_workdir(str(tmp_path / "src"), str(tmp_path / "wd"))
+  hf.export_from_workdir(str(tmp_path / "wd"), str(tmp_path / "out"))
+  _, info = transformers.XLNetLMHeadModel.from_pretrained(tmp_path / "out",
+                                                          output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  from safetensors.numpy import load_file
+  a, b = load_file(tmp_path / "src" / "model.safetensors"), load_file(
+      tmp_path / "out" / "model.safetensors")
+  for k in a:
+    if k in b:
+      np.testing.assert_array_equal(a[k], b[k])
