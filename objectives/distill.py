@@ -211,6 +211,13 @@ def teacher_config(workdir: str, student: EncoderConfig) -> EncoderConfig:
                              attention_impl=student.attention_impl)
 
 
+def teacher_tokenizer(workdir: str) -> str:
+  """The tokenizer a teacher run used: its config's data.tokenizer or its workdir copy."""
+  from bert_jax import run_config
+  configured = run_config.load(workdir).get("data", {}).get("tokenizer", "")
+  return configured or os.path.join(os.path.abspath(workdir), "tokenizer.model")
+
+
 def default_layers(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
   """Evenly spaced teacher layers, every second one for half the depth (0, 2, 4, ...)."""
   return tuple(j * teacher_layers // student_layers for j in range(student_layers))
@@ -366,6 +373,9 @@ class Distill(Objective):
       raise ValueError(f"distill.temperature must be positive, got {c.temperature}")
     student = EncoderConfig.from_dict(config.model)
     teacher = teacher_config(c.teacher, student)
+    if not config.data.get("tokenizer"):
+      raise ValueError("distill: the student reads the teacher's tokenizer; give it with "
+                       f"--config.data.tokenizer={teacher_tokenizer(c.teacher)}")
     if teacher.vocab_size != student.vocab_size:
       raise ValueError(f"distill: the teacher's vocabulary ({teacher.vocab_size}) differs "
                        f"from the student's model.vocab_size ({student.vocab_size}); the "

@@ -21,8 +21,18 @@ from objectives.base import Objective, SpecialIds
 from objectives.masking import MaskingConfig, mask_batch
 
 
-def masked_lm_loss(logits_BxPxV, ids_BxP, weights_BxP):
+def mask_padded_vocab(logits_BxPxV, vocab_size: int | None):
+  """Rows of a table padded past the tokenizer's vocabulary (to a multiple of 128) are
+  never targets: keep them out of the softmax so padding changes nothing."""
+  if vocab_size is None or vocab_size >= logits_BxPxV.shape[-1]:
+    return logits_BxPxV
+  valid = jnp.arange(logits_BxPxV.shape[-1]) < vocab_size
+  return jnp.where(valid, logits_BxPxV, jnp.finfo(logits_BxPxV.dtype).min)
+
+
+def masked_lm_loss(logits_BxPxV, ids_BxP, weights_BxP, vocab_size: int | None = None):
   """BERT's loss: sum(w * CE) / (sum(w) + 1e-5), plus loss and accuracy as (sum, count)."""
+  logits_BxPxV = mask_padded_vocab(logits_BxPxV, vocab_size)
   ce = heads.softmax_cross_entropy(logits_BxPxV, ids_BxP)
   w = weights_BxP.astype(jnp.float32)
   total = jnp.sum(w)
@@ -98,4 +108,5 @@ class MaskedLM(Objective):
     return MLMHeadOnPositions(encoder_config, predict_all=self.predict_all, name=name)
 
   def loss(self, outputs, batch):
-    return masked_lm_loss(outputs, batch["mlm_ids"], batch["mlm_weights"])
+    return masked_lm_loss(outputs, batch["mlm_ids"], batch["mlm_weights"],
+                          self.special.vocab_size)

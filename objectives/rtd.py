@@ -25,7 +25,7 @@ from bert_jax import heads
 from bert_jax.encoder import Encoder, EncoderConfig
 from objectives.base import Objective, SpecialIds
 from objectives.masking import MaskingConfig, mask_batch
-from objectives.mlm import masked_lm_loss
+from objectives.mlm import mask_padded_vocab, masked_lm_loss
 
 
 def generator_config(disc: EncoderConfig, size: float, layers: int | None) -> EncoderConfig:
@@ -51,6 +51,7 @@ class RTDModule(nn.Module):
   disc_cfg: EncoderConfig
   gen_cfg: EncoderConfig
   temperature: float
+  vocab_size: int | None = None  # the tokenizer's; the table may be padded past it
 
   @nn.compact
   def __call__(self, encoded, batch, encoder: Encoder, *, deterministic: bool):
@@ -66,7 +67,8 @@ class RTDModule(nn.Module):
 
     keys = jax.vmap(jax.random.wrap_key_data)(batch["rtd_sample_keys"])
     sampled = jax.vmap(gumbel_sample, in_axes=(0, 0, None))(
-        keys, jax.lax.stop_gradient(gen_logits), self.temperature)
+        keys, mask_padded_vocab(jax.lax.stop_gradient(gen_logits), self.vocab_size),
+        self.temperature)
     original = batch["original_ids"]
     rows = jnp.arange(ids.shape[0])[:, None]
     # Padding slots of mlm_positions point at position 0: send them out of range (dropped)
@@ -137,11 +139,11 @@ class ReplacedTokenDetection(Objective):
 
   def head(self, encoder_config, name):
     gen = generator_config(encoder_config, self.generator_size, self.generator_layers)
-    return RTDModule(encoder_config, gen, self.temperature, name=name)
+    return RTDModule(encoder_config, gen, self.temperature, self.special.vocab_size, name=name)
 
   def loss(self, outputs, batch):
     gen_loss, gen_metrics = masked_lm_loss(outputs["generator_logits"], batch["mlm_ids"],
-                                           batch["mlm_weights"])
+                                           batch["mlm_weights"], self.special.vocab_size)
     disc_loss, metrics = discriminator_loss(outputs["discriminator_logits"], outputs["labels"],
                                             batch["attention_mask"])
     metrics["gen_loss"] = gen_metrics["loss"]

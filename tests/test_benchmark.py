@@ -119,6 +119,7 @@ def test_report_memory_of_a_compiled_step():
   memory.check_fits(r, jax.devices()[0])  # a few hundred KiB fit anywhere
 
 
+@pytest.mark.slow  # compiling ELECTRA's two towers takes 1-2 minutes on 2 loaded cores
 def test_electra_benchmark_runs_both_towers_like_the_peer():
   """In process, one device of the mesh: ELECTRA's generator + discriminator vs the
   transformers pair, the same parameter count and both steps timed."""

@@ -133,8 +133,6 @@ def _pad_params(params, vocab: int):
   return p
 
 
-@pytest.mark.xfail(strict=True, reason="needs the MLM loss to mask the logits of padded "
-                   "vocabulary rows (ids >= SpecialIds.vocab_size); see issue 10")
 def test_padded_vocab_equals_unpadded(plain):
   """A table padded to a multiple of 128 is a layout choice: the padded rows can never be
   a target or a prediction, so the loss and the real rows' gradients are unchanged."""

@@ -8,10 +8,10 @@
 Modules: tasks (heads and losses, as an objective), readers (bundled / files / tfds
 records), features (tokenisation, QA windows and offsets), batching (dynamic padding,
 bucketing), predictions (dev predictions and scores), scores (the metrics), restore (the
-encoder of a pretraining workdir), loop (finetune), demo (pretrained vs random init).
+encoder of a pretraining workdir), loop (finetune), compare (demo: pretrained vs random init).
 """
 
-from bert_jax.finetune.demo import demo
+from bert_jax.finetune.compare import demo, demo_config
 from bert_jax.finetune.loop import Summary, finetune
 
-__all__ = ["Summary", "demo", "finetune"]
+__all__ = ["Summary", "demo", "demo_config", "finetune"]

@@ -365,6 +365,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
       if step % tc.log_every == 0 or step == total:
         values = metrics_lib.reduce_metrics(pending)
         pending = []
+        if not math.isfinite(values["loss"]):
+          raise FloatingPointError(f"non-finite training loss {values['loss']} by step {step}; "
+                                   "lower optim.lr")
         rate = progress.update(step, values["loss"])
         writer.write(step, "train", dict(values, tokens_per_second=rate,
                                          learning_rate=float(lr(step - 1))))
