@@ -484,8 +484,10 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
   config = config.copy_and_resolve_references()
   batch_size = int(batch_size or config.train.batch_size)
   seq_len = int(seq_len or config.data.seq_len)
-  if seq_len != config.data.seq_len:  # keep the preset's masking budget for the new length
-    config.mlm.max_predictions = max(20, round(seq_len * config.mlm.rate + 0.5))
+  if seq_len != config.data.seq_len:  # the preset's masking budget for the new length
+    for section in ("mlm", "rtd"):
+      if section in config:
+        config[section].max_predictions = max(20, round(seq_len * config[section].rate + 0.5))
   config.data.seq_len = seq_len
   config.train.batch_size = batch_size
   bench.prepare(config)
@@ -505,6 +507,8 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
       "device": {"platform": device.platform, "device_kind": device.device_kind,
                  "num_devices": mesh_size(config), "host": platform.node(),
                  "cpu_count": os.cpu_count(), "processor": platform.processor()},
+      # A persistent compilation cache makes compile_s a cache load.
+      "jax_compilation_cache_dir": os.environ.get("JAX_COMPILATION_CACHE_DIR", ""),
       "threads": {"jax": "default (XLA CPU thread pool over all cores)",
                   "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")},

@@ -351,8 +351,7 @@ class Distill(Objective):
 
   @property
   def project(self) -> bool:
-    return (self.student_cfg.hidden_size != self.teacher_cfg.hidden_size
-            and (self.layerwise or self.alpha_cos > 0))
+    return self.student_cfg.hidden_size != self.teacher_cfg.hidden_size
 
   @classmethod
   def from_config(cls, config, special: SpecialIds):

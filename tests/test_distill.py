@@ -14,9 +14,9 @@ import types
 
 import flax.linen as nn
 import jax
-import orbax.checkpoint as ocp
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -97,6 +97,9 @@ def test_restore_train_and_options(pretrained, tmp_path):
     assert json.load(f)["best_step"] == 1
   again = loop.finetune(c, out, quiet=True)  # resumes: nothing left to do
   assert again.steps == 2 and again.best == s.best
+  chained = restore.load_init(ft_config(out))  # a fine-tuned workdir is an init too
+  assert chained.step == 2 and chained.pooler_params is not None
+  assert chained.encoder_config == restore.load_init(c).encoder_config
 
 
 def preset_workdir(family: str, tok_path: str, path: str) -> dict:
@@ -185,3 +188,65 @@ def test_cli_rejects_unknown_fields(tmp_path):
   assert r.returncode != 0
   assert "unknown config field 'task.main_metrc'" in r.stderr + r.stdout
   assert "main_metric" in r.stderr + r.stdout
+
+
+def _write_jsonl(path, rows):
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("kind", ["qa"])  # "tagging" runs the same path; ~15 s more
+def test_token_level_kinds_run_end_to_end(kind, pretrained, tmp_path):
+  """One step and a dev evaluation of a per-token kind (outputs are cut back to each
+  feature's length before decoding): SQuAD v2-style QA with long contexts (or BIO tags)."""
+  rng = np.random.default_rng(0)
+  words = "And Moses went up unto the mount of God in the land of Egypt".split()
+  if kind == "qa":
+    rows = []
+    for i in range(12):
+      toks = list(rng.choice(words, 30))
+      s = int(rng.integers(0, 27))
+      start = len(" ".join(toks[:s])) + (1 if s else 0)
+      answer = {"text": [" ".join(toks[s:s + 2])], "answer_start": [start]} if i % 3 else {
+          "text": [], "answer_start": []}
+      rows.append({"id": f"q{i}", "question": "who went", "context": " ".join(toks),
+                   "answers": answer})
+    fields = dict(kind="qa", version_2=True, metrics="exact_match,f1", main_metric="f1",
+                  doc_stride=8, max_query_len=4)
+  else:
+    rows = [{"tokens": list(t), "tags": ["B-PER" if w == "Moses" else
+                                          "B-LOC" if w == "Egypt" else "O" for w in t]}
+            for t in (rng.choice(words, 12) for _ in range(12))]
+    fields = dict(kind="tagging", metrics="entity_f1,token_accuracy", main_metric="entity_f1")
+  data = _write_jsonl(tmp_path / "data.jsonl", rows)
+  c = ft_config(pretrained)
+  c.task.update(dict(source="files", train_files=data, dev_files=data, **fields))
+  c.data.update(dict(seq_len=32, dynamic_padding=True, pad_multiple=32))
+  c.train.update(dict(batch_size=8, eval_batch_size=16))
+  s = loop.finetune(c, str(tmp_path / "ft"), quiet=True)
+  assert s.steps == 1 and np.isfinite(s.best["loss"])
+  rows_out = [json.loads(line) for line in open(s.predictions_file)]
+  assert len(rows_out) == 12
+  if kind == "qa":
+    assert 0 <= s.best["f1"] <= 100 and "no_answer_f1" in s.best
+    assert all(r["prediction"] in r_in["context"] for r, r_in in zip(rows_out, rows))
+  else:
+    assert 0 <= s.best["entity_f1"] <= 1
+    assert all(len(r["predicted_tags"]) == len(r["tokens"]) for r in rows_out)
+
+
+def test_layer_decay_scales_updates_by_depth():
+  from bert_jax.encoder import EncoderConfig
+  small = dict(vocab_size=10, hidden_size=8, num_heads=2, intermediate_size=8)
+  ones = {"encoder": {"embeddings": {"w": np.ones(2)}, "layer_0": {"w": np.ones(2)},
+                      "layer_1": {"w": np.ones(2)}},
+          "task": {"classifier": {"w": np.ones(2)}}}
+  tx = loop.scale_by_layer_depth(EncoderConfig(num_layers=2, **small), 0.5)
+  out, _ = tx.update(ones, tx.init(ones))
+  got = {k: float(v[0]) for k, v in flat(out).items()}
+  assert got == {"encoder/embeddings/w": 0.125, "encoder/layer_0/w": 0.25,
+                 "encoder/layer_1/w": 0.5, "task/classifier/w": 1.0}
+  # ALBERT: one shared module serves all 4 layers: it moves at the top layer's rate
+  albert = EncoderConfig(num_layers=4, num_layer_groups=1, **small)
+  assert loop.layer_depth(("encoder", "layer_0"), albert) == 4
+  assert loop.layer_depth(("encoder", "embeddings"), albert) == 0

@@ -55,9 +55,10 @@ def launch(script, num_processes, workdir, stop_after, tokenizer, cache, timeout
   port = free_port()
   env = dict(os.environ, PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
-  # The resumed run compiles the same programs again: reuse them from a persistent cache.
-  env.update(JAX_COMPILATION_CACHE_DIR=str(os.path.join(os.path.dirname(cache), "jax_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  # The resumed run compiles the same programs again: reuse them from a persistent cache
+  # (the suite's, which conftest sets, else one in the test's directory).
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(cache), "jax_cache"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   procs = [subprocess.Popen(
       [sys.executable, str(script), str(num_processes), str(i), str(port), str(workdir),
        str(stop_after), tokenizer, str(cache)], cwd=REPO, env=env, stdout=subprocess.PIPE,

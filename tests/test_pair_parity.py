@@ -30,8 +30,11 @@ def test_combined_loss_matches_transformers(name, objectives, tmp_path):
   model = build_hf(name, str(tmp_path))
   imported = hf.load(str(tmp_path))
   config = tiny_config("unused", objectives=objectives)
-  config.model.update(dataclasses.asdict(dataclasses.replace(
-      imported.config, hidden_dropout=0.0, attention_dropout=0.0)))
+  fields = dataclasses.asdict(dataclasses.replace(
+      imported.config, hidden_dropout=0.0, attention_dropout=0.0))
+  config.model.update({k: v for k, v in fields.items() if k in config.model})
+  assert train.EncoderConfig.from_dict(config.model) == dataclasses.replace(
+      imported.config, hidden_dropout=0.0, attention_dropout=0.0)
   config.mlm.max_predictions = 4
   setup = train.build_setup(config, SPECIAL)
 

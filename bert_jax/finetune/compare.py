@@ -18,7 +18,7 @@ def demo_config(pretrain_workdir: str, **overrides: Any) -> ml_collections.Confi
   c.init = pretrain_workdir
   c.data.seq_len = 64
   c.train.update(dict(batch_size=32, eval_batch_size=128, epochs=2.0, log_every=50))
-  c.optim.lr = 2e-4
+  c.optim.lr = 3e-4
   for key, value in overrides.items():
     section, _, field = key.partition("__")
     if field:

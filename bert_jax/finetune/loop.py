@@ -20,9 +20,7 @@ import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -253,6 +251,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
   tok = init.tokenizer
   if jax.process_index() == 0:
     tok.save(workdir)  # the fine-tuned workdir holds its tokenizer too
+    _write_json(os.path.join(workdir, restore.ENCODER_CONFIG_FILE),
+                init.encoder_config.to_dict())
   train_split = load_split(config, tok, "train")
   label_names = train_split.data.label_names
   dev_split = load_split(config, tok, "dev", label_names)

@@ -14,6 +14,7 @@ random weights with the architecture of the configs/pretrain.py preset `config.a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -28,7 +29,10 @@ from bert_jax.encoder import EncoderConfig
 
 # EncoderConfig fields a fine-tuning run may change (config.model.*); None keeps init's.
 OVERRIDABLE = ("hidden_dropout", "attention_dropout", "dtype", "remat", "attention_impl")
-POOLER_SOURCES = ("nsp", "sop", "pooler")
+POOLER_SOURCES = ("nsp", "sop", "pooler", "task")  # "task": a fine-tuned workdir's head
+# Written by fine-tuning runs: the encoder's full EncoderConfig (their config.json holds
+# only the fields fine-tuning may change), so a fine-tuned workdir can be an init too.
+ENCODER_CONFIG_FILE = "encoder_config.json"
 
 
 @dataclasses.dataclass
@@ -100,7 +104,12 @@ def load_init(config: ml_collections.ConfigDict) -> Init:
                               f"{run_config.CONFIG_FILE}); import a Hugging Face model first "
                               "with `python -m launch.import_hf`")
     pre = run_config.load(workdir)
-    fields = pre.model.to_dict()
+    encoder_file = os.path.join(workdir, ENCODER_CONFIG_FILE)
+    if os.path.isfile(encoder_file):  # a fine-tuning workdir: continue from its encoder
+      with open(encoder_file) as f:
+        fields = json.load(f)
+    else:
+      fields = pre.model.to_dict()
     origin = f"the checkpoint in {workdir}"
   else:
     from configs import pretrain
