@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "safetensors>=0.4",
+        "protobuf>=4",  # sentencepiece -> Hugging Face tokenizer conversion on export
         "numpy>=1.26",
     ],
     extras_require={

@@ -40,7 +40,7 @@ import objectives
 from bert_jax import heads
 from bert_jax.encoder import DTYPES, Encoder, EncoderConfig, attention_mask_from_padding
 from objectives.base import Objective, SpecialIds
-from objectives.mlm import MaskedLM, MLMHeadOnPositions, masked_lm_loss
+from objectives.mlm import MaskedLM, MLMHeadOnPositions, mask_padded_vocab, masked_lm_loss
 
 MODES = ("distilbert", "layerwise")
 SCHEDULES = ("progressive", "all_at_once", "auxiliary")
@@ -58,7 +58,8 @@ def soft_kl(student_logits, teacher_logits, weights, temperature: float):
   """
   t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
   s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
+  p = jnp.exp(t)
+  kl = jnp.sum(jnp.where(p > 0, p * (t - s), 0.0), axis=-1) * temperature ** 2
   w = weights.astype(jnp.float32)
   return jnp.sum(kl * w), jnp.sum(w)
 
@@ -441,9 +442,12 @@ class Distill(Objective):
     return run
 
   def loss(self, outputs, batch):
-    mlm_loss, mlm_metrics = masked_lm_loss(outputs["student_logits"], batch["mlm_ids"],
+    # Rows of a vocabulary padded past the tokenizer's are out of both softmaxes.
+    vocab = self.mlm.special.vocab_size
+    student_logits = mask_padded_vocab(outputs["student_logits"], vocab)
+    mlm_loss, mlm_metrics = masked_lm_loss(student_logits, batch["mlm_ids"],
                                            batch["mlm_weights"])
-    kl_sum, kl_n = soft_kl(outputs["student_logits"], outputs["teacher_logits"],
+    kl_sum, kl_n = soft_kl(student_logits, mask_padded_vocab(outputs["teacher_logits"], vocab),
                            batch["mlm_weights"], self.temperature)
     cos_sum, cos_n = cosine_loss(outputs["student_hidden"], outputs["teacher_hidden"],
                                  batch["attention_mask"])

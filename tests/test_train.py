@@ -73,6 +73,7 @@ def test_meshes_give_the_same_losses():
   assert len({str(s.index) for s in w.addressable_shards}) == 4
 
 
+@pytest.mark.slow  # tests/test_fast_paths.py covers the modes and accumulation more cheaply
 def test_sharding_modes_and_grad_accum_match():
   base, _ = run_steps((2, 2, 2), mode="fsdp")
   np.testing.assert_allclose(run_steps((2, 2, 2), mode="data")[0], base, rtol=2e-5)
