@@ -118,6 +118,9 @@ def train_step(state: TrainState, batch: Batch, setup: Setup) -> tuple[TrainStat
   """One optimizer step (over `grad_accum` micro-batches). Pure; jitted by the caller."""
   key = jax.random.fold_in(state.rng, state.step)
   corrupt_key, dropout_key = jax.random.split(key)
+  # The step, once per example so it splits with the batch into micro-batches: for losses
+  # that follow a schedule (distillation's progressive layer-wise transfer).
+  batch = dict(batch, step=jnp.full(batch["input_ids"].shape[:1], state.step, jnp.int32))
   batch = corrupt(setup, batch, corrupt_key)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   k = setup.grad_accum

@@ -237,6 +237,17 @@ def test_transfer_schedule():
   assert (float(pd), int(cut)) == (1.0, -1)
 
 
+def test_padded_vocabulary_rows_are_out_of_the_kl():
+  from objectives.mlm import mask_padded_vocab
+  s, t = (jax.random.normal(jax.random.PRNGKey(i), (2, 3, 10)) for i in (0, 1))
+  w = jnp.ones((2, 3))
+  padded = lambda s: distill.soft_kl(mask_padded_vocab(s, 7), mask_padded_vocab(t, 7), w, 1.0)[0]  # noqa: E731
+  np.testing.assert_allclose(padded(s), distill.soft_kl(s[..., :7], t[..., :7], w, 1.0)[0],
+                             rtol=1e-6)
+  grad = jax.grad(padded)(s)
+  assert np.all(np.isfinite(grad)) and not np.any(grad[..., 7:])
+
+
 def test_student_from_teacher_copies_the_named_layers():
   rng = np.random.default_rng(0)
 
