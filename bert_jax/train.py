@@ -244,6 +244,16 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     run_config.save(config, workdir)
 
 
+def mesh_and_rules(config: ml_collections.ConfigDict):
+  """The config's mesh and logical rules, after checking that grad_accum splits the batch
+  (shared by pretraining and fine-tuning start-up)."""
+  tc = config.train
+  if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
+    raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of "
+                     f"train.grad_accum={tc.grad_accum}")
+  return sharding.make_mesh(config.mesh), sharding.logical_rules(config.sharding)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> RunSummary:
   """Pretrain with the config's objectives; resumes if `workdir` holds a checkpoint.
@@ -256,11 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = os.path.abspath(workdir)
   prepare_workdir(config, workdir)
   tc = config.train
-  if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
-    raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of "
-                     f"train.grad_accum={tc.grad_accum}")
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.sharding)
+  mesh, rules = mesh_and_rules(config)
   divisor = sharding.batch_divisor(mesh, rules)
   if (tc.batch_size // tc.grad_accum) % divisor or tc.batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={tc.batch_size} (per micro-batch "

@@ -235,11 +235,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
   workdir = os.path.abspath(workdir)
   train.prepare_workdir(config, workdir)
   tc = config.train
-  if tc.grad_accum < 1 or tc.batch_size % tc.grad_accum:
-    raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of "
-                     f"train.grad_accum={tc.grad_accum}")
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.sharding)
+  mesh, rules = train.mesh_and_rules(config)
   divisor = sharding.batch_divisor(mesh, rules) * jax.process_count()
   for name, size in (("batch_size / grad_accum", tc.batch_size // tc.grad_accum),
                      ("eval_batch_size", tc.eval_batch_size)):
