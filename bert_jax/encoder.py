@@ -265,16 +265,33 @@ class SelfAttention(nn.Module):
         dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=False)
       ctx = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), v)
     else:
-      impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-      ctx = jax.nn.dot_product_attention(
-          q, k, v, bias=None if bias is None else bias.astype(dtype), mask=mask,
-          implementation=impl)
+      attend = functools.partial(jax.nn.dot_product_attention, q, k, v,
+                                 bias=None if bias is None else bias.astype(dtype), mask=mask)
+      impl = fused_attention_impl(cfg.attention_impl, jax.default_backend(), q.dtype,
+                                  q.shape[-1])
+      try:
+        ctx = attend(implementation=impl)
+      except (NotImplementedError, RuntimeError, ValueError):
+        if cfg.attention_impl != "auto" or impl == "xla":
+          raise
+        ctx = attend(implementation="xla")  # this GPU / cuDNN cannot: the XLA kernel
     ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
     out = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
         kernel_init=_dense_init(cfg, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), use_bias=cfg.attention_bias, name="output")(ctx)
     return out, probs
+
+
+def fused_attention_impl(requested: str, backend: str, dtype, head_dim: int) -> str:
+  """The kernel behind `attention_impl`: "auto" takes cuDNN's fused (flash) attention on a
+  GPU where it applies (16-bit inputs, head size a multiple of 8 up to 128) and XLA's
+  otherwise; an explicit choice is kept (and fails loudly where it cannot run)."""
+  if requested != "auto":
+    return requested
+  cudnn_ok = (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if cudnn_ok else "xla"
 
 
 class FeedForward(nn.Module):

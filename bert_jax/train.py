@@ -26,6 +26,7 @@ import optax
 
 import objectives as objectives_lib
 from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import optim, run_config, sharding
 from bert_jax.encoder import EncoderConfig
@@ -212,6 +213,14 @@ def init_state(setup: Setup, seed: int, batch: Batch, mesh, rules) -> tuple[Trai
   return state, shardings
 
 
+def batch_spec(ds, global_batch_size: int, batch_sharding) -> Batch:
+  """Shapes and dtypes of a global training batch, read from the dataset's first example
+  (random access: the training iterator does not move)."""
+  example = dict(ds[0], epoch=np.int32(0))
+  return {k: jax.ShapeDtypeStruct((global_batch_size,) + np.shape(v), np.asarray(v).dtype,
+                                  sharding=batch_sharding) for k, v in example.items()}
+
+
 def to_global(batch: Batch, batch_sharding) -> Batch:
   """Per-host numpy batch -> global jax arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
@@ -302,6 +311,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract, shardings = state_shardings(setup, config.seed, sample, mesh, rules)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep, keep_best=tc.keep_best,
                                      async_save=tc.async_checkpoint)
+  with sharding.activate(mesh, rules):
+    # Compiled from shapes alone, before any state exists, so that a step that cannot fit
+    # in device memory is refused with the figures instead of failing mid-allocation.
+    p_train = jax.jit(functools.partial(train_step, setup=setup),
+                      in_shardings=(shardings, batch_sharding),
+                      out_shardings=(shardings, None), donate_argnums=(0,)).lower(
+                          abstract, batch_spec(train_ds, tc.batch_size, batch_sharding)
+                      ).compile()
+    p_eval = jax.jit(functools.partial(eval_step, setup=setup))
+  memory = memory_lib.report_memory(p_train, mesh)
+  memory_lib.check_fits(memory, jax.local_devices()[0])
+
   restored = ckpt.restore_latest_good(abstract, data_iter)
   if restored is not None:
     state, start = restored
@@ -311,12 +332,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start = 0
   n_params = count_params(state.params)
   n_encoder = count_params(state.params["encoder"])
-
-  with sharding.activate(mesh, rules):
-    p_train = jax.jit(functools.partial(train_step, setup=setup),
-                      in_shardings=(shardings, batch_sharding),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
-    p_eval = jax.jit(functools.partial(eval_step, setup=setup))
 
   eval_base = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
 
@@ -332,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress.write(f"model: {n_params:,} parameters ({n_encoder:,} in the encoder); "
                  f"objectives {config.objectives}; mesh {dict(mesh.shape)}; "
                  f"{len(train_ds):,} training examples of {config.data.seq_len} tokens")
+  progress.write(memory_lib.format_report(memory))
   first_eval = last_eval = None
   if start == 0 and tc.steps > 0:
     first_eval = evaluate(state.params)

@@ -7,19 +7,17 @@ Re-running the same command resumes: finished cells are skipped.
 
 from __future__ import annotations
 
-import functools
 import os
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 import configs
 from launch import config_cli
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "ablate.py") + ":default"
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Ablation config and name.")
+config_cli.define_config(DEFAULT_CONFIG, "Ablation config and name.")
 flags.DEFINE_string("workdir", None, "Output directory of the ablation.", required=True)
 
 
@@ -35,5 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=functools.partial(config_cli.parse_flags_checked,
-                                               default=DEFAULT_CONFIG))
+  app.run(main)

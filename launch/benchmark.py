@@ -36,7 +36,6 @@ import time
 from typing import Any, Callable
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import config_cli
 
@@ -46,8 +45,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command line (defined only when run as a program, so the module imports cleanly
   beside other launchers)."""
-  config_flags.DEFINE_config_file("config", "configs/pretrain.py:bert,small",
-                                  "Config file and preset, e.g. configs/pretrain.py:bert,small.")
+  config_cli.define_config("configs/pretrain.py:bert,small",
+                          "Config file and preset, e.g. configs/pretrain.py:bert,small.")
   flags.DEFINE_enum("peer", "", ["", "hf"], "Also time this implementation in the same run.")
   flags.DEFINE_string("objective", "mlm", "Benchmark objective (see OBJECTIVES below).")
   flags.DEFINE_integer("steps", 20, "Timed steps per implementation (after warm-up).")
@@ -688,5 +687,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=functools.partial(
-      config_cli.parse_flags_checked, default="configs/pretrain.py:bert,small"))
+  app.run(main)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import sys
 from typing import Sequence
 
 import ml_collections
+from ml_collections import config_flags
 
 from bert_jax import run_config
 
@@ -29,6 +31,7 @@ def check_override_names(config: ml_collections.ConfigDict, argv: Sequence[str],
     if name in valid or name in groups:
       continue
     parent = name.rsplit(".", 1)[0] if "." in name else ""
+    parent = parent if parent in groups else ""  # an unknown section: list the top level
     siblings = sorted(k[len(parent) + 1:] for k in valid
                       if parent and k.startswith(parent + ".")) or sorted(
                           {k.split(".")[0] for k in valid})
@@ -58,13 +61,14 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def parse_flags_checked(argv: Sequence[str], flag: str = "config",
-                        default: str = "configs/pretrain.py:bert,tiny") -> list[str]:
-  """absl flags parser for app.run: checks --config.* names before config_flags applies
-  them, so a misspelt field gets a message naming the valid ones."""
-  from absl import flags
-  overrides = [a for a in argv[1:] if a.startswith(f"--{flag}.")]
+def define_config(default: str, help_text: str, flag: str = "config") -> None:
+  """DEFINE_config_file, with the --config.* names checked first.
+
+  config_flags loads the default config and applies the overrides in sys.argv as soon as
+  the flag is defined, so the check has to run before that, not in the flags parser.
+  """
+  overrides = [a for a in sys.argv[1:] if a.startswith(f"--{flag}.")]
   if overrides:
-    check_override_names(load_config_file(_config_spec(argv, flag) or default), overrides,
+    check_override_names(load_config_file(_config_spec(sys.argv, flag) or default), overrides,
                          flag)
-  return flags.FLAGS(list(argv))
+  config_flags.DEFINE_config_file(flag, default, help_text)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 from launch import config_cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/finetune.py:bundled",
-                                "Config file and task, e.g. configs/finetune.py:sst2.")
+config_cli.define_config("configs/finetune.py:bundled",
+                         "Config file and task, e.g. configs/finetune.py:sst2.")
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, "
                     "predictions.", required=True)
 
@@ -39,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_cli.parse_flags_checked)
+  app.run(main)

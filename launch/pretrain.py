@@ -8,21 +8,19 @@ Launching the same command on an existing workdir resumes it.
 
 from __future__ import annotations
 
-import functools
 import os
 
 from absl import logging as absl_logging
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from launch import config_cli
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "pretrain.py") + ":bert,tiny"
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
-                                "Config file and preset, e.g. configs/pretrain.py:bert,tiny.")
+config_cli.define_config(DEFAULT_CONFIG,
+                         "Config file and preset, e.g. configs/pretrain.py:bert,tiny.")
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, plots.",
                     required=True)
 flags.DEFINE_string("coordinator_address", None,
@@ -60,5 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=functools.partial(config_cli.parse_flags_checked,
-                                                   default=DEFAULT_CONFIG))
+  app.run(main)

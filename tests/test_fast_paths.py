@@ -182,3 +182,15 @@ def test_grad_accumulation_equals_one_batch(plain):
   np.testing.assert_allclose(m2["loss"][0] / m2["loss"][1], m1["loss"][0] / m1["loss"][1],
                              rtol=1e-5)
   assert_trees_close(p2, p1, rtol=1e-4, atol=1e-6)  # sgd(1): params - grads
+
+
+def test_auto_attention_picks_cudnn_only_where_it_applies():
+  from bert_jax.encoder import fused_attention_impl
+  assert fused_attention_impl("auto", "gpu", jnp.bfloat16, 64) == "cudnn"
+  assert fused_attention_impl("auto", "gpu", jnp.float16, 128) == "cudnn"
+  assert fused_attention_impl("auto", "gpu", jnp.float32, 64) == "xla"  # no fp32 flash
+  assert fused_attention_impl("auto", "gpu", jnp.bfloat16, 100) == "xla"  # head size
+  assert fused_attention_impl("auto", "gpu", jnp.bfloat16, 256) == "xla"
+  assert fused_attention_impl("auto", "cpu", jnp.bfloat16, 64) == "xla"
+  assert fused_attention_impl("auto", "tpu", jnp.bfloat16, 64) == "xla"
+  assert fused_attention_impl("cudnn", "cpu", jnp.float32, 64) == "cudnn"  # asked: kept

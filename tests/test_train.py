@@ -171,3 +171,22 @@ def test_cli_two_steps_end_to_end(tmp_path, bundled_tokenizer):
   assert bad.returncode != 0
   assert "unknown config field 'train.stepz'" in bad.stderr
   assert "train.steps" in bad.stderr
+  # Without --config the default preset is loaded while the flag is defined: still checked,
+  # and a misspelt section lists the top-level fields.
+  bad = run_cli(f"--workdir={wd}", "--config.trian.steps=3")
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+  assert "unknown config field 'trian.steps'" in bad.stderr
+  assert "Did you mean train.steps" in bad.stderr and "Valid fields: data," in bad.stderr
+
+
+def test_a_step_that_cannot_fit_is_refused_before_allocation(tmp_path, bundled_tokenizer):
+  # Wide enough that parameters + gradients + Adam moments (~16 bytes x 24 H^2) exceed
+  # what one (simulated) device may use here, whatever the host's RAM.
+  from bert_jax import memory
+  limit, _ = memory.device_limit(jax.local_devices()[0])
+  hidden = int(np.ceil(np.sqrt(2 * limit / (16 * 24)) / 128)) * 128
+  c = tiny_config(bundled_tokenizer, str(tmp_path / "cache"), model__hidden_size=hidden,
+                  model__intermediate_size=4 * hidden)
+  with pytest.raises(MemoryError, match=r"needs .* GiB per device .* train.batch_size"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not list((tmp_path / "w" / "checkpoints").glob("*"))
