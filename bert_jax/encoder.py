@@ -5,15 +5,21 @@ variants other encoder families need as options of `EncoderConfig`, never as for
 pre-LN, factorized embeddings with a projection (ALBERT, ELECTRA), cross-layer sharing in
 groups (ALBERT), position offsets (RoBERTa), no token types (RoBERTa, DistilBERT), and
 XLNet's relative attention (sinusoidal relative positions with content and position biases,
-segment-relative encodings, no embedding LayerNorm, no attention biases).
+segment-relative encodings, no embedding LayerNorm, no attention biases), and MobileBERT's
+body: bottlenecks around each layer (attention and FFNs at `intra_bottleneck_size`, the
+residual stream between layers at `hidden_size`), stacked FFNs, NoNorm (an elementwise
+affine map in place of every LayerNorm), trigram word inputs projected before positions
+and token types are added.
 
 Two-stream attention (XLNet's permutation LM): an optional query stream runs through every
 layer with the content stream's weights; its queries come from the query stream, its keys
 and values from the content stream, under its own mask. It may cover only some positions
 (`query_positions`), e.g. the prediction targets.
 
-Every parameter carries logical axis names (vocab, embed, heads, kv, mlp); the rules that
-map them onto the mesh (data, fsdp, tensor) live in the config and `bert_jax.sharding`.
+Every parameter carries logical axis names (vocab, embed, embed_proj, heads, kv, mlp); the
+rules that map them onto the mesh (data, fsdp, tensor) live in the config and
+`bert_jax.sharding`. "embed" is the width a module works at (inside a MobileBERT bottleneck,
+the intra-block width); "embed_proj" the other side of a projection between two widths.
 The encoder does not know which objective runs: it maps ids to hidden states.
 """
 
@@ -38,6 +44,7 @@ ACTIVATIONS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "explicit")
 POSITION_EMBEDDINGS = ("absolute", "relative")
+NORMALIZATIONS = ("layer_norm", "no_norm")  # transformers' MobileBERT normalization_type
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -83,14 +90,33 @@ class EncoderConfig:
   relative_segments: bool = False
   embedding_norm: bool = True  # LayerNorm on the embeddings (XLNet: none)
   attention_bias: bool = True  # biases of the query/key/value/output projections (XLNet: none)
+  # MobileBERT. Each layer maps its input to this width (dense + norm), runs attention and
+  # its FFNs there, and maps back (dense, dropout, norm with a residual to its input).
+  intra_bottleneck_size: int | None = None
+  # Queries, keys and values from that input bottleneck (else values from the layer input).
+  use_bottleneck_attention: bool = False
+  # Queries and keys from a second bottleneck of their own, values from the layer input.
+  key_query_shared_bottleneck: bool = False
+  num_feedforward_networks: int = 1  # FFNs per layer, each with its residual and norm
+  normalization: str = "layer_norm"  # every norm of the encoder; "no_norm": scale * x + bias
+  # The embedding projection maps the word vectors before positions and token types are
+  # added (their tables then hidden_size wide), and the MLM head decodes at hidden width
+  # (word embeddings + learned extra rows). False: ALBERT's/ELECTRA's order, projection last.
+  project_word_embeddings: bool = False
+  trigram_input: bool = False  # word vectors as [next, own, previous] (3 x embedding_size)
+  # eps of the embedding norm and of each layer's ffn_norm; None: layer_norm_eps.
+  # (transformers' MobileBERT leaves those two LayerNorms at torch's default, 1e-5.)
+  block_norm_eps: float | None = None
+  pooler_activation: bool = True  # pooled = tanh(dense(h[CLS])); False: h[CLS] as it is
 
   def __post_init__(self):
     def check(ok, field, msg):
       if not ok:
         raise ValueError(f"EncoderConfig.{field}: {msg}")
 
-    check(self.hidden_size % self.num_heads == 0, "num_heads",
-          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    check(self.inner_size % self.num_heads == 0, "num_heads",
+          f"the attention width {self.inner_size} is not divisible by num_heads "
+          f"{self.num_heads}")
     check(self.hidden_act in ACTIVATIONS, "hidden_act",
           f"{self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
     check(self.head_act is None or self.head_act in ACTIVATIONS, "head_act",
@@ -111,16 +137,38 @@ class EncoderConfig:
             and self.num_layers % self.num_layer_groups == 0, "num_layer_groups",
             f"{self.num_layer_groups} must divide num_layers {self.num_layers}")
     for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size",
-                 "max_position_embeddings"):
+                 "max_position_embeddings", "num_feedforward_networks"):
       check(getattr(self, name) > 0, name, "must be positive")
+    check(self.normalization in NORMALIZATIONS, "normalization",
+          f"{self.normalization!r} is not one of {NORMALIZATIONS}")
+    bottleneck = self.intra_bottleneck_size is not None
+    check(not bottleneck or self.intra_bottleneck_size > 0, "intra_bottleneck_size",
+          "must be positive")
+    check(bottleneck or not (self.use_bottleneck_attention or self.key_query_shared_bottleneck),
+          "use_bottleneck_attention", "bottleneck attention inputs need intra_bottleneck_size")
+    check(not (self.use_bottleneck_attention and self.key_query_shared_bottleneck),
+          "key_query_shared_bottleneck", "choose one of it and use_bottleneck_attention")
+    check(not self.pre_layer_norm or (not bottleneck and self.num_feedforward_networks == 1),
+          "pre_layer_norm", "MobileBERT's bottlenecks and stacked FFNs are post-LN only")
+    check(self.project_word_embeddings or not self.trigram_input, "trigram_input",
+          "needs project_word_embeddings (the trigram is projected to hidden_size)")
+
+  @property
+  def inner_size(self) -> int:
+    """The width attention and the FFNs work at (MobileBERT's true_hidden_size)."""
+    return self.intra_bottleneck_size or self.hidden_size
 
   @property
   def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
+    return self.inner_size // self.num_heads
 
   @property
   def embed_size(self) -> int:
     return self.embedding_size or self.hidden_size
+
+  @property
+  def embedding_projection(self) -> bool:
+    return self.embed_size != self.hidden_size or self.trigram_input
 
   @classmethod
   def from_dict(cls, d: Any) -> "EncoderConfig":
@@ -148,19 +196,42 @@ def _ones(axes):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-class LayerNorm(nn.Module):
-  """LayerNorm over the last axis, with logically partitioned scale and bias."""
+class NoNorm(nn.Module):
+  """MobileBERT's NoNorm: scale * x + bias, no statistics (same parameters as LayerNorm)."""
 
-  eps: float
   axis_name: str = "embed"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    shape = (x.shape[-1],)
+    scale = self.param("scale", _ones((self.axis_name,)), shape, jnp.float32)
+    bias = self.param("bias", _zeros((self.axis_name,)), shape, jnp.float32)
+    return (x * scale.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm (or NoNorm) over the last axis, with logically partitioned scale and bias."""
+
+  eps: float
+  axis_name: str = "embed"
+  dtype: Any = jnp.float32
+  no_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.no_norm:
+      return NoNorm(self.axis_name, self.dtype, name="norm")(x)
     return nn.LayerNorm(
         epsilon=self.eps, dtype=self.dtype,
         scale_init=_ones((self.axis_name,)), bias_init=_zeros((self.axis_name,)),
         name="norm")(x)
+
+
+def _norm(cfg: EncoderConfig, name: str | None = None, eps: float | None = None) -> LayerNorm:
+  """An encoder norm of cfg.normalization's kind."""
+  return LayerNorm(cfg.layer_norm_eps if eps is None else eps, dtype=DTYPES[cfg.dtype],
+                   no_norm=cfg.normalization == "no_norm", name=name)
 
 
 def attention_mask_from_padding(attention_mask: Array) -> Array:
@@ -207,14 +278,15 @@ class SelfAttention(nn.Module):
   With relative positions (XLNet), `rel` holds "pos_emb" (the sinusoidal encodings of the
   distances klen..-qlen+1, [R, hidden]), optionally "q_pos" ([B, Lq] sequence positions of
   the queries; default 0..L-1) and "seg_diff" ([B, Lq, Lk] bool, relative_segments).
+  `x_v`: the values' input when it is not the keys' (MobileBERT's key/query bottleneck).
   """
 
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array, mask: Array, *, deterministic: bool,
-               return_probs: bool = False, rel: dict[str, Array] | None = None
-               ) -> tuple[Array, Array | None]:
+               return_probs: bool = False, rel: dict[str, Array] | None = None,
+               x_v: Array | None = None) -> tuple[Array, Array | None]:
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     proj = functools.partial(
@@ -223,7 +295,7 @@ class SelfAttention(nn.Module):
         bias_init=_zeros(("heads", "kv")), use_bias=cfg.attention_bias)
     q = proj(name="query")(x_q)
     k = proj(name="key")(x_kv)
-    v = proj(name="value")(x_kv)
+    v = proj(name="value")(x_kv if x_v is None else x_v)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
@@ -277,7 +349,7 @@ class SelfAttention(nn.Module):
         ctx = attend(implementation="xla")  # this GPU / cuDNN cannot: the XLA kernel
     ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
     out = nn.DenseGeneral(
-        features=cfg.hidden_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
+        features=cfg.inner_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
         kernel_init=_dense_init(cfg, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), use_bias=cfg.attention_bias, name="output")(ctx)
     return out, probs
@@ -306,13 +378,19 @@ class FeedForward(nn.Module):
                  bias_init=_zeros(("mlp",)), name="intermediate")(x)
     h = ACTIVATIONS[cfg.hidden_act](h)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+    return nn.Dense(cfg.inner_size, dtype=dtype, param_dtype=pdtype,
                     kernel_init=_dense_init(cfg, ("mlp", "embed")),
                     bias_init=_zeros(("embed",)), name="output")(h)
 
 
 class Layer(nn.Module):
   """One transformer layer, post-LN (BERT) or pre-LN.
+
+  MobileBERT (post-LN): attention, its norm, the extra FFNs (ffn_stack_j, each with its
+  residual and norm) and the last FFN work at `inner_size`, between an input bottleneck
+  (the residual of the attention) and an output bottleneck back to hidden_size (residual:
+  the layer's input). As in transformers, dropout inside a bottleneck only follows the
+  output projection.
 
   With `query` given, the same weights also run the query stream of two-stream
   attention: queries from `query`, keys and values from the content stream `x` (the
@@ -328,12 +406,40 @@ class Layer(nn.Module):
                return_probs: bool = False, rel: dict[str, Array] | None = None,
                query_rel: dict[str, Array] | None = None):
     cfg = self.cfg
-    dtype = DTYPES[cfg.dtype]
     attention = SelfAttention(cfg, name="attention")
-    attention_norm = LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_norm")
+    attention_norm = _norm(cfg, "attention_norm")
     ffn = FeedForward(cfg, name="ffn")
-    ffn_norm = LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="ffn_norm")
+    ffn_norm = _norm(cfg, "ffn_norm", cfg.block_norm_eps)
+    stack = [(FeedForward(cfg, name=f"ffn_stack_{j}"), _norm(cfg, f"ffn_stack_norm_{j}"))
+             for j in range(cfg.num_feedforward_networks - 1)]
     drop = nn.Dropout(cfg.hidden_dropout)
+    bottleneck = cfg.intra_bottleneck_size is not None
+    if bottleneck:
+      dense = functools.partial(nn.Dense, dtype=DTYPES[cfg.dtype],
+                                param_dtype=DTYPES[cfg.param_dtype])
+      narrow = lambda name: dense(  # noqa: E731
+          cfg.inner_size, kernel_init=_dense_init(cfg, ("embed", "embed_proj")),
+          bias_init=_zeros(("embed_proj",)), name=name)
+      b_input, b_input_norm = narrow("bottleneck_input"), _norm(cfg, "bottleneck_input_norm")
+      if cfg.key_query_shared_bottleneck:
+        b_qk, b_qk_norm = narrow("bottleneck_attention"), _norm(cfg, "bottleneck_attention_norm")
+      b_output = dense(cfg.hidden_size, kernel_init=_dense_init(cfg, ("embed_proj", "embed")),
+                       bias_init=_zeros(("embed",)), name="bottleneck_output")
+      b_output_norm = _norm(cfg, "bottleneck_output_norm")
+    inner_drop = (lambda y: y) if bottleneck else (  # noqa: E731
+        lambda y: drop(y, deterministic=deterministic))
+
+    def attention_inputs(h_q, kv):
+      """(residual, queries' input, keys' input, values' input) of the attention."""
+      if not bottleneck:
+        return h_q, h_q, kv, kv
+      res = b_input_norm(b_input(h_q))
+      if cfg.use_bottleneck_attention:
+        kv_in = b_input_norm(b_input(kv))
+        return res, res, kv_in, kv_in
+      if cfg.key_query_shared_bottleneck:
+        return res, b_qk_norm(b_qk(h_q)), b_qk_norm(b_qk(kv)), kv
+      return res, h_q, kv, kv
 
     def block(h_q, kv_normed, m, probs_wanted, r):
       # kv_normed: the (already normalised, for pre-LN) content stream used as keys/values.
@@ -343,11 +449,16 @@ class Layer(nn.Module):
         h = h_q + drop(a, deterministic=deterministic)
         f = ffn(ffn_norm(h), deterministic=deterministic)
         return h + drop(f, deterministic=deterministic), probs
-      a, probs = attention(h_q, kv_normed, m, deterministic=deterministic,
-                           return_probs=probs_wanted, rel=r)
-      h = attention_norm(h_q + drop(a, deterministic=deterministic))
-      f = ffn(h, deterministic=deterministic)
-      return ffn_norm(h + drop(f, deterministic=deterministic)), probs
+      res, q_in, k_in, v_in = attention_inputs(h_q, kv_normed)
+      a, probs = attention(q_in, k_in, m, deterministic=deterministic,
+                           return_probs=probs_wanted, rel=r, x_v=v_in)
+      h = attention_norm(res + inner_drop(a))
+      for stacked_ffn, stacked_norm in stack:  # transformers: no dropout in these
+        h = stacked_norm(h + stacked_ffn(h, deterministic=deterministic))
+      out = ffn_norm(h + inner_drop(ffn(h, deterministic=deterministic)))
+      if bottleneck:
+        out = b_output_norm(h_q + drop(b_output(out), deterministic=deterministic))
+      return out, probs
 
     kv = attention_norm(x) if cfg.pre_layer_norm else x
     out, probs = block(x, kv, mask, return_probs, rel)
@@ -359,8 +470,20 @@ class Layer(nn.Module):
     return out, q_out, probs
 
 
+def trigram(x_BxLxE: Array) -> Array:
+  """MobileBERT's trigram input: each position's vector between its right and left
+  neighbours' ([next, own, previous], zeros past the ends) -> [B, L, 3E]."""
+  nxt = jnp.pad(x_BxLxE[:, 1:], ((0, 0), (0, 1), (0, 0)))
+  prev = jnp.pad(x_BxLxE[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  return jnp.concatenate([nxt, x_BxLxE, prev], axis=-1)
+
+
 class Embeddings(nn.Module):
-  """Word + position (+ token type) embeddings, LayerNorm, dropout, projection if factorized."""
+  """Word + position (+ token type) embeddings, LayerNorm, dropout, projection if factorized.
+
+  With `project_word_embeddings` (MobileBERT) the projection maps the word vectors (or
+  their trigrams) to hidden_size first; position and token-type tables are that wide.
+  """
 
   cfg: EncoderConfig
 
@@ -371,18 +494,19 @@ class Embeddings(nn.Module):
     self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.embed_size, param_dtype=pdtype,
                                     dtype=DTYPES[cfg.dtype],
                                     embedding_init=init(("vocab", "embed")))
+    width = cfg.hidden_size if cfg.project_word_embeddings else cfg.embed_size
     if cfg.position_embedding == "absolute":
       self.position_embeddings = nn.Embed(
-          cfg.max_position_embeddings, cfg.embed_size, param_dtype=pdtype,
+          cfg.max_position_embeddings, width, param_dtype=pdtype,
           dtype=DTYPES[cfg.dtype], embedding_init=init((None, "embed")))
     if cfg.type_vocab_size > 0:
       self.token_type_embeddings = nn.Embed(
-          cfg.type_vocab_size, cfg.embed_size, param_dtype=pdtype, dtype=DTYPES[cfg.dtype],
+          cfg.type_vocab_size, width, param_dtype=pdtype, dtype=DTYPES[cfg.dtype],
           embedding_init=init((None, "embed")))
     if cfg.embedding_norm:
-      self.layer_norm = LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype])
+      self.layer_norm = _norm(cfg, eps=cfg.block_norm_eps)
     self.dropout = nn.Dropout(cfg.hidden_dropout)
-    if cfg.embed_size != cfg.hidden_size:
+    if cfg.embedding_projection:
       self.projection = nn.Dense(cfg.hidden_size, dtype=DTYPES[cfg.dtype], param_dtype=pdtype,
                                  kernel_init=init(("embed_proj", "embed")),
                                  bias_init=_zeros(("embed",)))
@@ -405,7 +529,7 @@ class Embeddings(nn.Module):
 
   def embed(self, input_ids, segment_ids, position_ids, *, deterministic: bool) -> Array:
     """Tables + LayerNorm + dropout, before the projection: the part ELECTRA's generator
-    shares with its discriminator."""
+    shares with its discriminator (with project_word_embeddings, the projection included)."""
     return self.embed_vectors(self.word_embeddings(input_ids), segment_ids, position_ids,
                               deterministic=deterministic)
 
@@ -414,6 +538,11 @@ class Embeddings(nn.Module):
     stream that starts from a learned mask embedding plus its position's encodings."""
     cfg = self.cfg
     x = vectors.astype(DTYPES[cfg.dtype])
+    if cfg.project_word_embeddings:
+      if cfg.trigram_input:
+        x = trigram(x)
+      if cfg.embedding_projection:
+        x = self.projection(x)
     if cfg.position_embedding == "absolute":
       x = x + self.position_embeddings(position_ids)
     if cfg.type_vocab_size > 0:
@@ -423,7 +552,7 @@ class Embeddings(nn.Module):
     return self.dropout(x, deterministic=deterministic)
 
   def project(self, x: Array) -> Array:
-    if self.cfg.embed_size != self.cfg.hidden_size:
+    if self.cfg.embedding_projection and not self.cfg.project_word_embeddings:
       x = self.projection(x)
     return x
 
@@ -460,7 +589,7 @@ class Encoder(nn.Module):
     n_modules = cfg.num_layer_groups or cfg.num_layers
     self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(n_modules)]
     if cfg.pre_layer_norm:
-      self.final_norm = LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype])
+      self.final_norm = _norm(cfg)
     if cfg.position_embedding == "relative":
       self.relative_dropout = nn.Dropout(cfg.hidden_dropout)
 

@@ -95,23 +95,35 @@ def device_peak(device: Any, dtype: str, *, measure_on_cpu: bool = True) -> Peak
 def encoder_matmul_params_per_token(cfg: Any) -> int:
   """Weights of the dense layers one token passes through (not the embedding tables).
 
-  Counts every layer application, so ALBERT's shared layers count once per use.
+  Counts every layer application, so ALBERT's shared layers count once per use. MobileBERT:
+  attention and FFNs at the bottleneck width, the bottleneck projections, stacked FFNs.
   """
-  h, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.embed_size
-  per_layer = 4 * h * h + 2 * h * f  # q, k, v, output + the two FFN matrices
-  projection = e * h if e != h else 0  # factorized embeddings (ALBERT, ELECTRA)
+  h, f, e, i = cfg.hidden_size, cfg.intermediate_size, cfg.embed_size, cfg.inner_size
+  if cfg.intra_bottleneck_size is None:
+    qkv = 3 * h * i
+    bottleneck = 0
+  elif cfg.use_bottleneck_attention:
+    qkv, bottleneck = 3 * i * i, 2 * h * i
+  elif cfg.key_query_shared_bottleneck:  # q, k from their own bottleneck, v from the input
+    qkv, bottleneck = 2 * i * i + h * i, 3 * h * i
+  else:
+    qkv, bottleneck = 3 * h * i, 2 * h * i
+  per_layer = qkv + i * i + cfg.num_feedforward_networks * 2 * i * f + bottleneck
+  projection = (3 if cfg.trigram_input else 1) * e * h if cfg.embedding_projection else 0
   return cfg.num_layers * per_layer + projection
 
 
 def attention_flops_per_token(cfg: Any, seq_len: int) -> int:
-  """QK^T and AV, forward and backward: 12 x layers x seq_len x hidden."""
-  return 12 * cfg.num_layers * seq_len * cfg.hidden_size
+  """QK^T and AV, forward and backward: 12 x layers x seq_len x attention width."""
+  return 12 * cfg.num_layers * seq_len * cfg.inner_size
 
 
 def mlm_head_flops_per_prediction(cfg: Any, vocab_size: int | None = None) -> int:
-  """Transform (hidden -> embed) and the tied output projection (embed -> vocab), fwd+bwd."""
+  """Transform and the tied output projection, fwd+bwd: hidden -> embed -> vocab, or
+  (MobileBERT) hidden -> hidden -> vocab through the embeddings and their extra rows."""
   v = vocab_size or cfg.vocab_size
-  return 6 * (cfg.hidden_size * cfg.embed_size + cfg.embed_size * v)
+  width = cfg.hidden_size if cfg.project_word_embeddings else cfg.embed_size
+  return 6 * (cfg.hidden_size * width + width * v)
 
 
 def pair_head_flops_per_sequence(cfg: Any) -> int:

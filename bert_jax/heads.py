@@ -37,7 +37,9 @@ class MLMHead(nn.Module):
   """dense -> activation -> LayerNorm -> tied word embeddings + bias (BERT's cls.predictions).
 
   The transform maps to the embedding width, so factorized encoders (ALBERT, ELECTRA's
-  generator) decode through their own (smaller) embedding table.
+  generator) decode through their own (smaller) embedding table. MobileBERT's
+  (`project_word_embeddings`) stays at hidden width and decodes with an output matrix of
+  hidden_size rows: the word embeddings' embed_size, then `extra_output`'s.
   """
 
   cfg: EncoderConfig
@@ -46,26 +48,35 @@ class MLMHead(nn.Module):
   def __call__(self, hidden: Array, encoder: Encoder) -> Array:
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    h = nn.Dense(cfg.embed_size, dtype=dtype, param_dtype=pdtype,
+    width = cfg.hidden_size if cfg.project_word_embeddings else cfg.embed_size
+    h = nn.Dense(width, dtype=dtype, param_dtype=pdtype,
                  kernel_init=_kernel(cfg, ("embed", "embed_proj")),
                  bias_init=_bias(("embed_proj",)), name="transform")(hidden)
     h = ACTIVATIONS[cfg.head_act or cfg.hidden_act](h)
     h = LayerNorm(cfg.layer_norm_eps, axis_name="embed_proj", dtype=dtype,
                   name="transform_norm")(h)
-    logits = encoder.attend(h)
+    e = cfg.embed_size
+    logits = encoder.attend(h[..., :e])
+    if width > e:
+      extra = self.param("extra_output", _kernel(cfg, ("embed_proj", "vocab")),
+                         (width - e, cfg.vocab_size), pdtype)
+      logits = logits + h[..., e:] @ extra.astype(dtype)
     bias = self.param("bias", _bias(("vocab",)), (cfg.vocab_size,), pdtype)
     # Logits in fp32: the softmax over a large vocabulary is where bf16 loses most.
     return logits.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
 class Pooler(nn.Module):
-  """dense + tanh on the first ([CLS]) token, BERT's pooled output."""
+  """dense + tanh on the first ([CLS]) token, BERT's pooled output (MobileBERT with
+  pooler_activation=False: the first token's hidden state as it is)."""
 
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, hidden: Array) -> Array:
     cfg = self.cfg
+    if not cfg.pooler_activation:
+      return hidden[:, 0]
     x = nn.Dense(cfg.hidden_size, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
                  kernel_init=_kernel(cfg, ("embed", None)), bias_init=_bias((None,)),
                  name="dense")(hidden[:, 0])

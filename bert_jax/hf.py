@@ -12,7 +12,8 @@ One registry, `FAMILIES`, keyed by transformers' `model_type`, says for each fam
 Our parameter tree (what `load` returns and `export_state_dict` takes):
 
   {"encoder": ...,                                      the shared Encoder
-   "mlm": {"head": MLMHead},                            MLM (tied embeddings + bias)
+   "mlm": {"head": MLMHead},                            MLM (tied embeddings + bias;
+                                                        MobileBERT: + extra_output rows)
    "nsp" | "sop": {"pooler": {...}, "classifier": {...}}  PairHead (BERT NSP / ALBERT SOP)
    "rtd": {"discriminator_head": DiscriminatorHead},    ELECTRA discriminator (+ "generator",
                                                         "generator_head" for a pair:
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax import heads
-from bert_jax.encoder import Encoder, EncoderConfig
+from bert_jax.encoder import NORMALIZATIONS, Encoder, EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,21 @@ class Rule:
   """One weight: HF name template, our path template ('/'-separated), conversion.
 
   `{i}` in both templates runs over our layer modules (ALBERT: the shared groups).
+  `when`: the weight exists only for configs where it holds (e.g. MobileBERT's pooler).
   """
 
   hf: str
   ours: str
   conv: str = "copy"
+  when: Callable[[EncoderConfig], bool] | None = None
 
-  def expand(self, n_layers: int) -> list["Rule"]:
+  def expand(self, cfg: EncoderConfig) -> list["Rule"]:
+    if self.when is not None and not self.when(cfg):
+      return []
     if "{i}" not in self.hf:
       return [self]
-    return [Rule(self.hf.format(i=i), self.ours.format(i=i), self.conv) for i in range(n_layers)]
+    return [dataclasses.replace(self, hf=self.hf.format(i=i), ours=self.ours.format(i=i))
+            for i in range(cfg.num_layer_groups or cfg.num_layers)]
 
 
 def _linear(hf: str, ours: str, conv: str = "dense", bias_conv: str = "copy") -> tuple[Rule, ...]:
@@ -215,6 +221,20 @@ DISTILBERT_CONFIG = (
     ("attention_dropout", "attention_dropout", 0.1),
     ("initializer_range", "initializer_range", 0.02),
 )
+MOBILEBERT_CONFIG = _with_defaults(
+    BERT_CONFIG, hidden_size=512, num_hidden_layers=24, num_attention_heads=4,
+    intermediate_size=512, hidden_act="relu", hidden_dropout_prob=0.0) + (
+        ("embedding_size", "embedding_size", 128),
+        ("intra_bottleneck_size", "intra_bottleneck_size", 128),
+        ("use_bottleneck_attention", "use_bottleneck_attention", False),
+        ("key_query_shared_bottleneck", "key_query_shared_bottleneck", True),
+        ("num_feedforward_networks", "num_feedforward_networks", 4),
+        ("normalization_type", "normalization", "no_norm"),
+        ("trigram_input", "trigram_input", True),
+        ("classifier_activation", "pooler_activation", True))
+# transformers' MobileBertEmbeddings and MobileBertOutput build their LayerNorms without an
+# eps: torch's default.
+MOBILEBERT_BLOCK_NORM_EPS = 1e-5
 
 
 class UnsupportedError(ValueError):
@@ -269,6 +289,78 @@ def _distilbert_options(hf, fields):
   return fields
 
 
+def _mobilebert_options(hf, fields):
+  _require(hf, "normalization_type", NORMALIZATIONS, "no_norm", "mobilebert")
+  if not hf.get("use_bottleneck", True):  # transformers then ignores the bottleneck options
+    fields.update(intra_bottleneck_size=None, use_bottleneck_attention=False,
+                  key_query_shared_bottleneck=False)
+  elif fields["use_bottleneck_attention"]:
+    # transformers still builds the key/query bottleneck but never uses it: not imported.
+    fields["key_query_shared_bottleneck"] = False
+  elif (not fields["key_query_shared_bottleneck"]
+        and fields["intra_bottleneck_size"] != fields["hidden_size"]):
+    raise UnsupportedError(
+        "mobilebert: with neither use_bottleneck_attention nor key_query_shared_bottleneck, "
+        f"intra_bottleneck_size={fields['intra_bottleneck_size']} must equal hidden_size="
+        f"{fields['hidden_size']} (transformers' query projection takes the bottleneck width)")
+  fields["project_word_embeddings"] = True
+  if fields["normalization"] == "layer_norm":
+    fields["block_norm_eps"] = MOBILEBERT_BLOCK_NORM_EPS
+  return fields
+
+
+def _mobilebert_rules(cfg):
+  layer = "encoder.layer.{i}."
+  proj = (_linear("embeddings.embedding_transformation", "embeddings/projection")
+          if cfg.embedding_projection else ())
+  names = ()
+  if cfg.intra_bottleneck_size is not None:
+    names = (("bottleneck.input", "bottleneck_input"), ("output.bottleneck", "bottleneck_output"),
+             *((("bottleneck.attention", "bottleneck_attention"),)
+               if cfg.key_query_shared_bottleneck else ()))
+  bottleneck = tuple(r for h, o in names for r in (
+      *_linear(f"{layer}{h}.dense", f"layer_{{i}}/{o}"),
+      *_norm(f"{layer}{h}.LayerNorm", f"layer_{{i}}/{o}_norm")))
+  stack = tuple(r for j in range(cfg.num_feedforward_networks - 1) for r in (
+      *_linear(f"{layer}ffn.{j}.intermediate.dense", f"layer_{{i}}/ffn_stack_{j}/intermediate"),
+      *_linear(f"{layer}ffn.{j}.output.dense", f"layer_{{i}}/ffn_stack_{j}/output"),
+      *_norm(f"{layer}ffn.{j}.output.LayerNorm", f"layer_{{i}}/ffn_stack_norm_{j}")))
+  return (WORD, POSITION, TOKEN_TYPE, *EMBED_NORM, *proj, *BERT_LAYER, *bottleneck, *stack)
+
+
+def _mobilebert_groups() -> tuple[HeadGroup, ...]:
+  """MLM with its extra output rows (hidden_size > embedding_size), NSP, pooler; the pooler's
+  dense exists only with classifier_activation (pooler_activation)."""
+  def pooler_if_activated(group):
+    return dataclasses.replace(group, rules=tuple(
+        dataclasses.replace(r, when=lambda c: c.pooler_activation) if "pooler/" in r.ours else r
+        for r in group.rules))
+
+  mlm = _mlm("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+             "cls.predictions.bias")
+  extra = Rule("cls.predictions.dense.weight", "mlm/head/extra_output",
+               when=lambda c: c.hidden_size > c.embed_size)
+  return (dataclasses.replace(mlm, rules=mlm.rules + (extra,)),
+          pooler_if_activated(_pair("nsp", "mobilebert.pooler.dense", "cls.seq_relationship")),
+          pooler_if_activated(_pooler("mobilebert.pooler.dense")))
+
+
+def _mobilebert_fixup(cfg, hf_config, state, arch) -> None:
+  """The config keys derived from ours, and zeros for the weights transformers builds but
+  does not use with this config (so that it loads the directory with nothing missing)."""
+  hf_config.update(use_bottleneck=cfg.intra_bottleneck_size is not None,
+                   true_hidden_size=cfg.inner_size)
+  prefix = "" if arch.cls == "MobileBertModel" else "mobilebert."
+  word = state[prefix + WORD.hf]
+  if not cfg.embedding_projection:
+    state[prefix + "embeddings.embedding_transformation.weight"] = np.zeros(
+        (cfg.hidden_size, cfg.embed_size), word.dtype)
+    state[prefix + "embeddings.embedding_transformation.bias"] = np.zeros(
+        (cfg.hidden_size,), word.dtype)
+  if "mlm" in arch.groups and cfg.hidden_size == cfg.embed_size:
+    state["cls.predictions.dense.weight"] = np.zeros((0, cfg.vocab_size), word.dtype)
+
+
 def _electra_rules(cfg):
   # embedding_size == hidden_size (ELECTRA-Base, or a generator as wide as the tables): no
   # embeddings_project in either framework.
@@ -320,6 +412,25 @@ HEAD_ACT_IS_HIDDEN = ((lambda c: c.head_act in (None, c.hidden_act),
                        "head_act={c.head_act!r} (the family's MLM head uses hidden_act)"),)
 HEAD_ACT_IS_GELU = ((lambda c: (c.head_act or c.hidden_act) == "gelu",
                      "MLM head activation {c.head_act!r} (the family's head is always GELU)"),)
+NOT_MOBILEBERT = ((lambda c: (c.intra_bottleneck_size, c.num_feedforward_networks,
+                              c.normalization, c.project_word_embeddings, c.pooler_activation,
+                              c.block_norm_eps in (None, c.layer_norm_eps))
+                   == (None, 1, "layer_norm", False, True, True),
+                   "MobileBERT options (intra_bottleneck_size, num_feedforward_networks, "
+                   "normalization, project_word_embeddings, trigram_input, block_norm_eps, "
+                   "pooler_activation) export only as mobilebert"),)
+MOBILEBERT_CHECKS = (
+    (lambda c: c.project_word_embeddings, "project_word_embeddings=False (MobileBERT projects "
+     "the word vectors before adding positions)"),
+    (lambda c: c.normalization == "no_norm" or MOBILEBERT_BLOCK_NORM_EPS == (
+        c.layer_norm_eps if c.block_norm_eps is None else c.block_norm_eps),
+     "block_norm_eps={c.block_norm_eps} with layer_norm_eps={c.layer_norm_eps} (transformers' "
+     "MobileBERT has 1e-5 in its embedding and FFN-output LayerNorms)"),
+    (lambda c: c.intra_bottleneck_size in (None, c.hidden_size) or c.use_bottleneck_attention
+     or c.key_query_shared_bottleneck, "intra_bottleneck_size={c.intra_bottleneck_size} != "
+     "hidden_size with queries and keys from the layer input (transformers' query projection "
+     "takes the bottleneck width)"),
+)
 
 
 def _roberta_fixup(cfg, hf_config, state, arch) -> None:
@@ -357,7 +468,7 @@ FAMILIES: dict[str, Family] = {
         export_defaults={"pad_token_id": 0, "position_embedding_type": "absolute"},
         pair_group="nsp",
         export_checks=NO_SHARING + NOT_FACTORIZED + TOKEN_TYPES + POSITIONS_FROM_ZERO
-        + HEAD_ACT_IS_HIDDEN),
+        + HEAD_ACT_IS_HIDDEN + NOT_MOBILEBERT),
     "roberta": Family(
         "roberta", "roberta.", _with_defaults(BERT_CONFIG, layer_norm_eps=1e-12),
         _roberta_options, _bert_like_rules,
@@ -367,7 +478,8 @@ FAMILIES: dict[str, Family] = {
                        Architecture("RobertaModel", ("pooler",))),
         tied_aliases=("lm_head.decoder.weight", "lm_head.decoder.bias"),
         export_defaults={"position_embedding_type": "absolute"},
-        export_checks=NO_SHARING + NOT_FACTORIZED + TOKEN_TYPES + HEAD_ACT_IS_GELU,
+        export_checks=NO_SHARING + NOT_FACTORIZED + TOKEN_TYPES + HEAD_ACT_IS_GELU
+        + NOT_MOBILEBERT,
         export_fixup=_roberta_fixup),
     "electra": Family(
         "electra", "electra.", ELECTRA_CONFIG, _electra_options, _electra_rules,
@@ -383,7 +495,8 @@ FAMILIES: dict[str, Family] = {
                        Architecture("ElectraModel", ())),
         tied_aliases=("generator_lm_head.weight",),
         export_defaults={"pad_token_id": 0, "position_embedding_type": "absolute"},
-        export_checks=NO_SHARING + TOKEN_TYPES + POSITIONS_FROM_ZERO + HEAD_ACT_IS_GELU),
+        export_checks=NO_SHARING + TOKEN_TYPES + POSITIONS_FROM_ZERO + HEAD_ACT_IS_GELU
+        + NOT_MOBILEBERT),
     "albert": Family(
         "albert", "albert.", ALBERT_CONFIG, _albert_options,
         lambda cfg: (WORD, POSITION, TOKEN_TYPE, *EMBED_NORM,
@@ -400,7 +513,7 @@ FAMILIES: dict[str, Family] = {
                          "inner_group_num": 1, "position_embedding_type": "absolute",
                          "classifier_dropout_prob": 0.1},
         pair_group="sop",
-        export_checks=TOKEN_TYPES + POSITIONS_FROM_ZERO + HEAD_ACT_IS_HIDDEN + (
+        export_checks=TOKEN_TYPES + POSITIONS_FROM_ZERO + HEAD_ACT_IS_HIDDEN + NOT_MOBILEBERT + (
             (lambda c: c.embedding_size not in (None, c.hidden_size),
              "embedding_size={c.embedding_size} (ALBERT projects a narrower embedding)"),)),
     "distilbert": Family(
@@ -411,11 +524,24 @@ FAMILIES: dict[str, Family] = {
                        Architecture("DistilBertModel", ())),
         tied_aliases=("vocab_projector.weight",),
         export_defaults={"pad_token_id": 0, "sinusoidal_pos_embds": False},
-        export_checks=NO_SHARING + NOT_FACTORIZED + POSITIONS_FROM_ZERO + HEAD_ACT_IS_HIDDEN + (
+        export_checks=NO_SHARING + NOT_FACTORIZED + POSITIONS_FROM_ZERO + HEAD_ACT_IS_HIDDEN
+        + NOT_MOBILEBERT + (
             (lambda c: c.type_vocab_size == 0, "type_vocab_size={c.type_vocab_size} "
              "(DistilBERT has no token types)"),
             (lambda c: c.layer_norm_eps == 1e-12, "layer_norm_eps={c.layer_norm_eps} "
              "(DistilBERT's is fixed at 1e-12)"))),
+    "mobilebert": Family(
+        "mobilebert", "mobilebert.", MOBILEBERT_CONFIG, _mobilebert_options, _mobilebert_rules,
+        groups=_mobilebert_groups(),
+        architectures=(Architecture("MobileBertForPreTraining", ("mlm", "nsp")),
+                       Architecture("MobileBertForMaskedLM", ("mlm",)),
+                       Architecture("MobileBertModel", ("pooler",))),
+        tied_aliases=("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+        export_defaults={"pad_token_id": 0},
+        pair_group="nsp",
+        export_checks=NO_SHARING + TOKEN_TYPES + POSITIONS_FROM_ZERO + HEAD_ACT_IS_HIDDEN
+        + MOBILEBERT_CHECKS,
+        export_fixup=_mobilebert_fixup),
 }
 
 # Buffers some checkpoints carry (position ids); never weights.
@@ -465,6 +591,7 @@ FIELD_TO_HF: dict[str, Callable[[EncoderConfig], Any]] = {
     "hidden_act": lambda c: TO_HF_ACTIVATIONS[c.hidden_act],
     "embedding_size": lambda c: c.embed_size,
     "num_layer_groups": lambda c: c.num_layer_groups or c.num_layers,
+    "intra_bottleneck_size": lambda c: c.inner_size,  # unused by transformers without one
 }
 
 
@@ -686,7 +813,7 @@ def load(path: str, **config_overrides: Any) -> Imported:
   origin: dict[str, Rule] = {}  # our path -> the rule (with the full HF key) it came from
 
   def take(rules, hf_prefix="", ours_prefix=""):
-    for rule in (r for rule in rules for r in rule.expand(cfg.num_layer_groups or cfg.num_layers)):
+    for rule in (r for rule in rules for r in rule.expand(cfg)):
       key, ours = hf_prefix + rule.hf, ours_prefix + rule.ours
       if key not in state:
         raise KeyError(f"{family.model_type} checkpoint {path!r} lacks weight {key!r} "
@@ -784,14 +911,14 @@ def export_state_dict(family_name: str, cfg: EncoderConfig, params: Mapping[str,
   params = dict(params)
   present = {g.name for g in family.groups if g.name in params}
   arch = choose_architecture(family, present, heads_mode)
-  if "pooler" in arch.groups and "pooler" not in params and family.pair_group in params:
+  if "pooler" in arch.groups and "pooler" not in params and "pooler" in params.get(
+      family.pair_group, {}):
     params["pooler"] = {"dense": params[family.pair_group]["pooler"]["dense"]}
   flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
-  n_layers = cfg.num_layer_groups or cfg.num_layers
   out: dict[str, np.ndarray] = {}
 
   def put(rules, ours_prefix, hf_prefix):
-    for rule in (r for rule in rules for r in rule.expand(n_layers)):
+    for rule in (r for rule in rules for r in rule.expand(cfg)):
       path = ours_prefix + rule.ours
       if path not in flat:
         raise KeyError(f"our checkpoint lacks {path!r} (for {hf_prefix + rule.hf!r})")
@@ -799,9 +926,10 @@ def export_state_dict(family_name: str, cfg: EncoderConfig, params: Mapping[str,
 
   put(family.encoder_rules(cfg), "encoder/", family.prefix)
   for name in arch.groups:
+    rules = family.group(name).rules
     if name in params:
-      put(family.group(name).rules, "", "")
-    else:
+      put(rules, "", "")
+    elif any(r.expand(cfg) for r in rules):  # (MobileBERT's pooler may have no weights)
       log.warning("%s: no %r head in the checkpoint; transformers will initialise it", arch.cls,
                   name)
   if arch == family.architectures[-1]:  # a base model's own keys have no prefix

@@ -153,21 +153,46 @@ def distilbert(c: ml_collections.ConfigDict) -> None:
   c.distill.mode = "distilbert"
 
 
-def mobilebert(c: ml_collections.ConfigDict) -> None:
-  """MobileBERT-style transfer (no bottleneck/NoNorm here; docs/distill.md): a student of the
-  teacher's depth at half its width, layer-wise feature-map MSE + attention KL, one stage
-  per layer (progressive), then pretraining distillation 0.5 * KL(T=1) + 0.5 * MLM.
+# MobileBERT's body by size: base is the published MobileBERT (24 layers, 512 between the
+# blocks, 128 inside, 4 heads, FFN 512, 128-wide trigram embeddings); small and tiny shrink it.
+MOBILEBERT_SIZES = {
+    #        layers hidden embedding bottleneck heads ffn
+    "tiny": (4, 128, 32, 32, 4, 128),
+    "small": (12, 256, 64, 64, 4, 256),
+    "base": (24, 512, 128, 128, 4, 512),
+}
 
-  The teacher is required: --config.distill.teacher=WORKDIR of this size's bert preset
-  (set model.num_layers/num_heads to the teacher's otherwise).
+
+def mobilebert(c: ml_collections.ConfigDict) -> None:
+  """MobileBERT: the real encoder (bottlenecks with a shared key/query bottleneck, 4 stacked
+  FFNs, NoNorm, ReLU, trigram word inputs at embedding_size, no hidden dropout) trained by
+  layer-wise transfer from a teacher: each block's output (feature-map MSE) and attention
+  maps (KL) per layer, one stage per layer (progressive), then pretraining distillation
+  0.5 * KL(T=1) + 0.5 * MLM. It exports as MobileBertForMaskedLM.
+
+  The teacher is required: --config.distill.teacher=WORKDIR, with the student's num_layers
+  and num_heads (else an error) and hidden_size (else the transfer goes through a learned
+  projection, which MobileBERT has not): MobileBERT's IB-BERT (our encoder with an
+  intra_bottleneck_size wider than hidden_size), or a plain BERT of that shape, e.g.
+  bert,tiny --config.model.num_layers=4 --config.model.num_heads=4 for mobilebert,tiny.
   """
-  c.family = "bert"
+  layers, hidden, embedding, bottleneck, heads, ffn = MOBILEBERT_SIZES[c.size]
+  c.family = "mobilebert"
   c.objectives = "distill:1.0"
-  c.model.hidden_size //= 2
-  c.model.intermediate_size //= 2
+  c.model.update(dict(num_layers=layers, hidden_size=hidden, embedding_size=embedding,
+                      num_heads=heads, intermediate_size=ffn, hidden_act="relu",
+                      hidden_dropout=0.0))
+  # Fields the other presets leave at EncoderConfig's defaults (no bottleneck, 1 FFN, ...).
+  c.model.intra_bottleneck_size = bottleneck
+  c.model.use_bottleneck_attention = False
+  c.model.key_query_shared_bottleneck = True
+  c.model.num_feedforward_networks = 4
+  c.model.normalization = "no_norm"
+  c.model.project_word_embeddings = True
+  c.model.trigram_input = True
   c.distill.update(dict(mode="layerwise", schedule="progressive", init_student=False,
                         temperature=1.0, alpha_ce=0.5, alpha_mlm=0.5, alpha_cos=0.0,
-                        stage_steps=max(1, c.train.steps // (2 * c.model.num_layers))))
+                        stage_steps=max(1, c.train.steps // (2 * layers))))
 
 
 def xlnet(c: ml_collections.ConfigDict) -> None:

@@ -8,7 +8,7 @@ Writes WORKDIR/config.json (a full run config, family and model from the checkpo
 an orbax checkpoint at step 0 in WORKDIR/checkpoints (parameters of the encoder and the
 pretraining heads the checkpoint has), and the tokenizer files under WORKDIR/hf/ (a
 sentencepiece model also as WORKDIR/tokenizer.model). Supported model types: albert,
-bert, distilbert, electra, roberta. See docs/interop.md.
+bert, distilbert, electra, mobilebert, roberta, xlnet. See docs/interop.md.
 """
 
 from __future__ import annotations

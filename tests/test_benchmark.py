@@ -5,8 +5,8 @@ import json
 import os
 import subprocess
 import sys
-import types
 
+import numpy as np
 import pytest
 
 from bert_jax import flops, memory
@@ -56,10 +56,9 @@ def test_benchmark_cli_writes_consistent_json(tmp_path):
 
 
 def cfg(**kw):
-  d = dict(hidden_size=768, intermediate_size=3072, num_layers=12, vocab_size=30522,
-           embed_size=768)
-  d.update(kw)
-  return types.SimpleNamespace(**d)
+  from bert_jax.encoder import EncoderConfig
+  return EncoderConfig(**dict(dict(hidden_size=768, intermediate_size=3072, num_layers=12,
+                                   num_heads=12, vocab_size=30522), **kw))
 
 
 def test_flops_accounting_for_bert_base():
@@ -71,7 +70,7 @@ def test_flops_accounting_for_bert_base():
   assert masked.attention == 12 * 12 * 128 * 768 * 8 * 128
   assert masked.dense == everywhere.dense and masked.output * 128 == everywhere.output * 20
   assert 6 * 84.9e6 < masked.per_token < everywhere.per_token
-  factorized = cfg(embed_size=128)
+  factorized = cfg(embedding_size=128)
   assert (flops.encoder_matmul_params_per_token(factorized)
           == flops.encoder_matmul_params_per_token(c) + 128 * 768)
   assert flops.mfu(1e12, 0.5, 1e12) == pytest.approx(2.0)
@@ -140,3 +139,21 @@ def test_electra_benchmark_runs_both_towers_like_the_peer():
   assert ours["loss_last"] > 0 and peer["loss_last"] > 0 and res["ratio_tokens_per_s"] > 0
   with pytest.raises(ValueError, match="needs config.objectives='rtd:1.0'"):
     benchmark.run(get_config("bert,tiny"), objective="electra")
+
+
+@pytest.mark.parametrize("preset", ["bert,tiny", "electra,tiny", "mobilebert,tiny"])
+def test_dense_flops_count_every_kernel_once(preset):
+  # Each token passes every dense kernel of a (non-shared) encoder once: the count must
+  # equal the kernels in the parameter tree (MobileBERT: bottlenecks, stacked FFNs,
+  # trigram projection included).
+  import jax
+  import jax.numpy as jnp
+  from configs.pretrain import get_config
+  from bert_jax.encoder import Encoder, EncoderConfig
+  cfg = EncoderConfig.from_dict(get_config(preset).model)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  params = jax.eval_shape(lambda: Encoder(cfg).init(jax.random.PRNGKey(0), ids, ids, ids))
+  kernels = sum(int(np.prod(x.shape)) for path, x in
+                jax.tree_util.tree_leaves_with_path(params)
+                if "kernel" in jax.tree_util.keystr(path))
+  assert flops.encoder_matmul_params_per_token(cfg) == kernels

@@ -194,7 +194,7 @@ def test_unsupported_model_type(tmp_path):
   with open(os.path.join(src, "config.json"), "w") as f:
     json.dump(config, f)
   with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'.*albert, bert, "
-                                       r"distilbert, electra, roberta"):
+                                       r"distilbert, electra, mobilebert, roberta"):
     hf.load(src)
 
 
