@@ -4,13 +4,18 @@ A checkpoint is `<workdir>/checkpoints/<step>/{state,data}`: `state` is the Trai
 (params, optimizer state, step, rng) written by every host for its shards, `data` is
 grain's per-process iterator state. Orbax writes asynchronously into a temporary
 directory and renames it when complete, so a crash mid-write never leaves a checkpoint
-that looks complete. The last `keep` checkpoints are kept, plus the best by eval loss.
+that looks complete; leftover temporary directories are removed at the next start. The
+last `keep` checkpoints are kept, plus the best by eval loss. A save that fails (a full
+disk) raises CheckpointSaveError naming the step, the directory, the OS error and the free
+space; the checkpoints before it stay intact.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import time
 from typing import Any
 
@@ -20,6 +25,26 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (disk full, quota, permissions); the older ones are intact."""
+
+  def __init__(self, message: str, step: int, directory: str):
+    super().__init__(message)
+    self.step, self.directory = step, directory
+
+
+def _os_error(e: BaseException) -> str | None:
+  """The OS error behind an orbax/tensorstore failure: tensorstore reports it only as text
+  ("... [os_error_code='28']"), Python I/O as an OSError somewhere in the chain."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return f"[Errno {seen.errno}] {seen.strerror}"
+    seen = seen.__cause__ or seen.__context__
+  m = re.search(r"os_error_code='?(\d+)", str(e))
+  return f"[Errno {m.group(1)}] {os.strerror(int(m.group(1)))}" if m else None
 
 
 def _best_loss(metrics: dict[str, float]) -> float:
@@ -36,9 +61,14 @@ class Checkpointer:
       preservation.append(policies.BestN(get_metric_fn=_best_loss, reverse=True, n=1))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(preservation),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True,
+        # A write cut short (SIGKILL, full disk) leaves a temporary directory: free its space.
+        cleanup_tmp_directories=True)
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.async_save = async_save
+    self._in_flight: int | None = None  # step of the asynchronous save still being written
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -48,11 +78,40 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: Any | None,
            metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+    # orbax waits for the previous asynchronous save here anyway; waiting first attributes a
+    # failure of that write to its own step.
+    self.wait()
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                             force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                                force=force)
+    except Exception as e:
+      raise self._save_error(step, e) from e
+    if saved and self.async_save:
+      self._in_flight = step
+    return saved
+
+  def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+    self._failed = True
+    try:
+      free = f"{shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free there"
+    except OSError:
+      free = "free space unknown"
+    kept = self.all_steps()  # orbax has already dropped the failed step from its list
+    reason = _os_error(e)
+    hint = "; the disk (or a quota or file size limit) may be full" if reason else ""
+    reason = reason or f"{type(e).__name__}: {str(e)[:300]}"
+    message = (f"checkpoint save failed at step {step} in {self.directory}: {reason} "
+               f"({free}){hint}. "
+               + (f"The checkpoints at steps {kept} are intact: free some space and relaunch "
+                  "the same command to resume from the newest." if kept
+                  else "No checkpoint is kept yet."))
+    # Logged as one line too: orbax's writer threads print pages of tracebacks that can
+    # bury (and interleave with) the final traceback.
+    logging.error("%s", message)
+    return CheckpointSaveError(message, step, self.directory)
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
     """Restores the state onto the shardings in `abstract_state`; the iterator in place."""
@@ -92,11 +151,21 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(step, e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+      self.manager.close()
+    except Exception as e:
+      if not self._failed:
+        raise
+      # Closing after a failed save: the CheckpointSaveError already raised is the news.
+      logging.warning("closing the checkpoint manager after a failed save: %s", e)
 
 
 def restore_params(workdir: str, step: int | None = None, which: str = "latest") -> tuple[dict, int]:
