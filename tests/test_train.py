@@ -177,6 +177,9 @@ def test_cli_two_steps_end_to_end(tmp_path, bundled_tokenizer):
   assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
   assert "unknown config field 'trian.steps'" in bad.stderr
   assert "Did you mean train.steps" in bad.stderr and "Valid fields: data," in bad.stderr
+  bad = run_cli(f"--workdir={wd}", "--config.train.steps=abc")  # a value of the wrong type
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert "--config.train.steps=abc: invalid literal for int()" in bad.stderr
 
 
 def test_a_step_that_cannot_fit_is_refused_before_allocation(tmp_path, bundled_tokenizer):
