@@ -470,6 +470,16 @@ def build_hf_electra(config, setup, corrupted: list[dict[str, Any]],
 # ----------------------------------------------------------------------------- run
 
 
+def warm_up(step_fn, n: int) -> float:
+  """Runs steps 0..n-1 untimed; returns the first one's seconds (compile / first-call)."""
+  t = time.perf_counter()
+  step_fn(0)
+  first = time.perf_counter() - t
+  for i in range(1, n):
+    step_fn(i)
+  return first
+
+
 def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warmup: int = 2,
         round_steps: int = 5, batch_size: int | None = None, seq_len: int | None = None,
         torch_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -518,11 +528,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
       f"(batch {batch_size} x {seq_len}, {dtype}) on {result['device']['num_devices']} x "
       f"{device.device_kind} ...")
   ours = Ours(config, batch_size, seq_len)
-  t = time.perf_counter()
-  ours.step(0)
-  first_step_s = time.perf_counter() - t
-  for i in range(1, warmup):
-    ours.step(i)
+  first_step_s = warm_up(ours.step, warmup)
   ours.record_loss()
   ours_peak_rss = peak_rss_bytes()
   result["load_average"]["after_ours_warmup"] = load_average()
@@ -539,11 +545,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
     log("peer: building transformers model ...")
     the_peer = bench.build_peer(config, ours.setup, ours.corrupted,
                                 schedule_steps=warmup + steps + 1)
-    t = time.perf_counter()
-    the_peer.step(0)
-    peer_first_s = time.perf_counter() - t
-    for i in range(1, warmup):
-      the_peer.step(i)
+    peer_first_s = warm_up(the_peer.step, warmup)
     the_peer.record_loss()
     timed.append(Timed("peer", the_peer.step))
     result["load_average"]["after_peer_warmup"] = load_average()
