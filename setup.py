@@ -20,6 +20,7 @@ setup(
         "tensorflow-datasets>=4.9.9,<5",
         "array-record>=0.7",
         "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.20,<1",  # imported checkpoints' tokenizer.json (WordPiece, BPE)
         "ml-collections>=1.0,<2",
         "absl-py>=2.1,<3",
         "tensorboardX>=2.6,<3",

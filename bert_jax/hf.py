@@ -1220,9 +1220,10 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
     with open(os.path.join(hf_in, base_file)) as f:
       base = json.load(f)
   spm_path = os.path.join(workdir, "tokenizer.model")
-  if base is None and os.path.isfile(spm_path):
-    from bert_jax.data.tokenizer import SentencePieceTokenizer
-    tok = SentencePieceTokenizer(spm_path)
+  json_path = os.path.join(workdir, "tokenizer.json")  # a run given an imported tokenizer
+  if base is None and (os.path.isfile(spm_path) or os.path.isfile(json_path)):
+    from bert_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(spm_path if os.path.isfile(spm_path) else json_path)
     special = {"pad_token_id": tok.pad_id, "bos_token_id": tok.cls_id,
                "eos_token_id": tok.sep_id}
   known = ({"plm"} if _separate(family) is not None
@@ -1237,6 +1238,9 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
     sentencepiece_to_hf(spm_path, out_dir, model_max_length=cfg.max_position_embeddings
                         - cfg.position_offset, token_types=cfg.type_vocab_size > 0)
     tokenizer = ["tokenizer.json", "tokenizer_config.json"]
+  if not tokenizer and os.path.isfile(json_path):
+    shutil.copyfile(json_path, os.path.join(out_dir, "tokenizer.json"))
+    tokenizer = ["tokenizer.json"]
   if not tokenizer:
     log.warning("%s has no tokenizer; %s holds the model alone", workdir, out_dir)
   return {"out_dir": out_dir, "step": step, "architecture": hf_config["architectures"][0],

@@ -89,6 +89,12 @@ def build_setup(config: ml_collections.ConfigDict, special: SpecialIds,
   if config.train.nan_policy not in NAN_POLICIES:
     raise ValueError(f"train.nan_policy: {config.train.nan_policy!r} is not one of "
                      f"{NAN_POLICIES}")
+  for field in ("batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every",
+                "eval_batches", "keep"):
+    if config.train[field] < 1:  # cadences are step moduli: 0 would divide by zero
+      raise ValueError(f"train.{field} must be >= 1, got {config.train[field]}")
+  if config.train.steps < 0:
+    raise ValueError(f"train.steps must be >= 0, got {config.train.steps}")
   return Setup(model, weighted, tx, int(config.train.grad_accum), config.train.nan_policy)
 
 
@@ -273,6 +279,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from bert_jax.data import pipeline, tokenizer as tokenizer_lib
 
   workdir = os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
+  if (os.path.isfile(os.path.join(workdir, "hf", "config.json")) and os.path.isdir(ckpt_dir)
+      and sorted(os.listdir(ckpt_dir)) == ["0"]):
+    # launch.import_hf's step 0 holds parameters only; restoring it as a train state would
+    # fail and move it aside as damaged.
+    raise ValueError(
+        f"{workdir} holds a checkpoint imported from Hugging Face (parameters, no optimizer "
+        "state): fine-tune it (launch.finetune --config.init=WORKDIR), use it as a "
+        "distillation teacher or export it; pretraining cannot continue in that workdir.")
   prepare_workdir(config, workdir)
   tc = config.train
   mesh, rules = mesh_and_rules(config)

@@ -10,7 +10,6 @@ to the same model trained from random initialisation.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from absl import app, flags
@@ -36,12 +35,11 @@ def main(argv):
   print(f"checkpoints  {summary.checkpoint_dir}\nmetrics      {summary.metrics_file}\n"
         f"loss plot    {summary.plot}\nthroughput   {summary.tokens_per_second:,.0f} tokens/s")
   if summary.first_eval and summary.last_eval:
-    for k in ("mlm/loss", "mlm/accuracy"):
+    for k in sorted(k for k in summary.last_eval if k.endswith(("/loss", "/accuracy"))):
       print(f"eval {k:<14s} {summary.first_eval[k]:.4f} (step 0) -> "
             f"{summary.last_eval[k]:.4f} (step {summary.steps})")
-  if importlib.util.find_spec("bert_jax.finetune") is not None:
-    from bert_jax import finetune
-    finetune.demo(pretrain_dir, os.path.join(FLAGS.workdir, "finetune"))
+  from bert_jax import finetune
+  finetune.demo(pretrain_dir, os.path.join(FLAGS.workdir, "finetune"))
 
 
 if __name__ == "__main__":

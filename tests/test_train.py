@@ -83,6 +83,15 @@ def test_sharding_modes_and_grad_accum_match():
   np.testing.assert_allclose(accum, base, rtol=0.02)
 
 
+@pytest.mark.parametrize("field,value", [("log_every", 0), ("eval_every", 0),
+                                         ("checkpoint_every", 0), ("steps", -1)])
+def test_bad_cadences_are_reported(field, value):
+  c = tiny_config("unused")
+  c.train[field] = value
+  with pytest.raises(ValueError, match=f"train.{field} must be >= "):
+    train.build_setup(c, SPECIAL)
+
+
 def test_bad_mesh_and_batch_are_reported():
   c = tiny_config("unused")
   c.mesh.update(dict(data=16, fsdp=1, tensor=1))

@@ -261,6 +261,126 @@ class SentencePieceTokenizer(Tokenizer):
         return f"SentencePieceTokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"
 
 
+class HFTokenizer(Tokenizer):
+    """A :class:`Tokenizer` backed by a Hugging Face ``tokenizer.json`` (the ``tokenizers``
+    library): BERT's WordPiece, RoBERTa's byte-level BPE, or a unigram model, as imported
+    with a checkpoint. Text is normalised as the file says (e.g. lower-cased for uncased
+    BERT); special tokens are not added by ``encode`` (the pipeline places them).
+
+    Special ids are looked up by name as for sentencepiece models (``[CLS]`` or ``<s>``...).
+    Word starts: a WordPiece piece without the continuation prefix (``##``), a byte-level
+    BPE piece with the space marker (``Ġ``), a unigram piece with ``▁``.
+
+    Raises:
+      ValueError: if the file is missing or lacks a needed special token.
+    """
+
+    FILENAME = "tokenizer.json"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import json
+
+        from tokenizers import Tokenizer as _Rust
+
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / self.FILENAME
+        if not path.is_file():
+            raise ValueError(f"No tokenizer.json at {path}.")
+        self._path = path
+        self._bytes = path.read_bytes()
+        self._tok = _Rust.from_str(self._bytes.decode("utf-8"))
+        self._vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._ids = {}
+        for name, aliases in _SPECIAL_ALIASES.items():
+            found = [i for i in map(self._tok.token_to_id, aliases) if i is not None]
+            if not found:
+                raise ValueError(f"{path} has no {name} token (looked for "
+                                 f"{', '.join(aliases)}).")
+            self._ids[name] = found[0]
+        # Specials appended at the end of a vocabulary (RoBERTa's <mask>) do not delimit
+        # the regular ids; BERT's [PAD]=0 ... [MASK]=103 do ([unusedN] below stay unused).
+        self._first_regular = 1 + max(i for i in self._ids.values() if i < self._vocab_size // 2)
+        model = json.loads(self._bytes)["model"]
+        pieces = [self._tok.id_to_token(i) or "" for i in range(self._vocab_size)]
+        if model["type"] == "WordPiece":
+            prefix = model.get("continuing_subword_prefix") or "##"
+            starts = [not p.startswith(prefix) for p in pieces]
+        elif model["type"] == "BPE":
+            starts = [p.startswith("Ġ") for p in pieces]  # byte-level "Ġ" = a space
+        else:
+            starts = [p.startswith(WORD_BOUNDARY) for p in pieces]
+        self._word_start_table = np.array(starts, dtype=bool)
+        self._word_start_table[list(self._ids.values())] = True
+
+    @property
+    def path(self) -> pathlib.Path:
+        return self._path
+
+    @property
+    def pad_id(self) -> int:
+        return self._ids["pad"]
+
+    @property
+    def unk_id(self) -> int:
+        return self._ids["unk"]
+
+    @property
+    def cls_id(self) -> int:
+        return self._ids["cls"]
+
+    @property
+    def sep_id(self) -> int:
+        return self._ids["sep"]
+
+    @property
+    def mask_id(self) -> int:
+        return self._ids["mask"]
+
+    @property
+    def first_regular_id(self) -> int:
+        return self._first_regular
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._bytes).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        """(ids, [n, 2] character spans of the pieces, leading whitespace excluded)."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        spans = []
+        for b, end in e.offsets:
+            while b < end and text[b].isspace():
+                b += 1
+            spans.append((b, end))
+        return e.ids, np.asarray(spans, np.int64).reshape(-1, 2)
+
+    def word_starts(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._word_start_table[np.asarray(ids, dtype=np.int64)]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id],
+                                skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike[str]) -> pathlib.Path:
+        out = pathlib.Path(directory) / self.FILENAME
+        _atomic_write(out, self._bytes)
+        return out
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"
+
+
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
@@ -369,24 +489,30 @@ def train_tokenizer(
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Loads a tokenizer from a sentencepiece ``.model`` file or a directory holding
-    ``tokenizer.model``.
+    """Loads a tokenizer: a sentencepiece ``.model`` file, a Hugging Face
+    ``tokenizer.json``, or a directory holding ``tokenizer.model`` or ``tokenizer.json``.
 
     Raises:
       ValueError: if nothing loadable is at ``path``.
     """
     p = pathlib.Path(path)
-    if p.is_dir() and (p / MODEL_FILENAME).is_file():
-        p = p / MODEL_FILENAME
-    if p.suffix == ".json":
-        raise ValueError(
-            f"{p}: Hugging Face tokenizer.json files are not supported yet; give a "
-            "sentencepiece .model file."
-        )
+    if p.is_dir():
+        p = workdir_tokenizer(p) or p
+    if p.is_file() and p.suffix == ".json":
+        return HFTokenizer(p)
     if not p.is_file():
-        raise ValueError(f"No tokenizer at {path} (expected a sentencepiece .model file "
-                         f"or a directory holding {MODEL_FILENAME}).")
+        raise ValueError(f"No tokenizer at {path} (expected a sentencepiece .model file, a "
+                         f"tokenizer.json, or a directory holding {MODEL_FILENAME} or "
+                         f"{HFTokenizer.FILENAME}).")
     return SentencePieceTokenizer(p)
+
+
+def workdir_tokenizer(directory: str | os.PathLike[str]) -> pathlib.Path | None:
+    """The tokenizer file a workdir holds (``tokenizer.model`` or ``tokenizer.json``)."""
+    for name in (MODEL_FILENAME, HFTokenizer.FILENAME):
+        if (pathlib.Path(directory) / name).is_file():
+            return pathlib.Path(directory) / name
+    return None
 
 
 def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> Tokenizer:
@@ -403,10 +529,10 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
        and ``data_cfg.tokenizer_type`` and save it in the workdir.
     """
     workdir = pathlib.Path(workdir)
-    in_workdir = workdir / MODEL_FILENAME
+    in_workdir = workdir_tokenizer(workdir)
     if data_cfg.get("tokenizer"):
         tok = load_tokenizer(data_cfg.tokenizer)
-        if in_workdir.is_file():
+        if in_workdir is not None:
             existing = load_tokenizer(in_workdir)
             if existing.fingerprint != tok.fingerprint:
                 raise ValueError(
@@ -417,7 +543,7 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
             tok.save(workdir)
         logging.info("Using tokenizer %s (vocab_size=%d).", data_cfg.tokenizer, tok.vocab_size)
         return tok
-    if in_workdir.is_file():
+    if in_workdir is not None:
         tok = load_tokenizer(in_workdir)
         logging.info("Using the workdir's tokenizer %s (vocab_size=%d).", in_workdir, tok.vocab_size)
         return tok
@@ -439,11 +565,12 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
         )
         for name in ("tokenizer.vocab", MODEL_FILENAME):  # The model last: it marks done.
             _atomic_write(workdir / name, (pathlib.Path(tmp) / name).read_bytes())
-    return load_tokenizer(in_workdir)
+    return load_tokenizer(workdir / MODEL_FILENAME)
 
 
 __all__ = [
-    "CLS_ID", "FIRST_REGULAR_ID", "MASK_ID", "MODEL_FILENAME", "PAD_ID", "SEP_ID", "UNK_ID",
+    "CLS_ID", "FIRST_REGULAR_ID", "HFTokenizer", "MASK_ID", "MODEL_FILENAME", "PAD_ID",
+    "SEP_ID", "UNK_ID",
     "SentencePieceTokenizer", "Tokenizer", "ensure_tokenizer", "load_tokenizer",
-    "train_tokenizer",
+    "train_tokenizer", "workdir_tokenizer",
 ]

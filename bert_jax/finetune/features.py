@@ -77,6 +77,9 @@ def encode_with_offsets(tok: Tokenizer, text: str) -> tuple[list[int], np.ndarra
   Spans exclude the whitespace a piece's word-boundary marker stands for; a piece that is
   only that marker gets an empty span at the next word. The ids equal `tok.encode(text)`.
   """
+  own = getattr(tok, "encode_with_offsets", None)
+  if own is not None:  # a tokenizer that reports offsets itself (tokenizer.json)
+    return own(text)
   path = getattr(tok, "path", None)
   if path is None:
     raise ValueError(f"{type(tok).__name__} gives no character offsets; extractive QA needs "

@@ -51,16 +51,16 @@ def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str | None,
   if config.tokenizer:
     return config.tokenizer
   if workdir:
-    in_workdir = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
-    if os.path.isfile(in_workdir):
-      return in_workdir
+    in_workdir = tokenizer_lib.workdir_tokenizer(workdir)
+    if in_workdir is not None:
+      return str(in_workdir)
     configured = pre.data.get("tokenizer") if pre is not None and "data" in pre else ""
     if configured:
       return configured
-    raise ValueError(f"{workdir!r} has no {tokenizer_lib.MODEL_FILENAME} and its config "
-                     "names no data.tokenizer: give one with --config.tokenizer")
+    raise ValueError(f"{workdir!r} has no {tokenizer_lib.MODEL_FILENAME} or tokenizer.json "
+                     "and its config names no data.tokenizer: give one with --config.tokenizer")
   raise ValueError("config.init='' (random init) needs a tokenizer: --config.tokenizer=PATH "
-                   "(a sentencepiece .model)")
+                   "(a sentencepiece .model or a tokenizer.json)")
 
 
 def _with_overrides(fields: dict[str, Any], config: ml_collections.ConfigDict) -> EncoderConfig:
