@@ -63,6 +63,16 @@ def reference_run(tmp_path_factory, bundled_tokenizer):
   return config, str(root / "run")
 
 
+def times_logged(workdir) -> dict[int, int]:
+  """How often each train step was logged (raw rows: a resumed run redoes the steps after
+  its checkpoint, a run that ignored its checkpoint would redo them all)."""
+  import collections
+
+  from bert_jax import metrics as metrics_lib
+  rows = metrics_lib.read_metrics(workdir)
+  return dict(collections.Counter(r["step"] for r in rows if r["split"] == "train"))
+
+
 def train_losses(workdir) -> dict[int, float]:
   from bert_jax import metrics as metrics_lib
   rows = metrics_lib.latest_rows(metrics_lib.read_metrics(workdir))

@@ -19,8 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 F = torch.nn.functional
 
 from bert_jax import checkpoint, hf, train  # noqa: E402

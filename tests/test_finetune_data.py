@@ -61,7 +61,7 @@ def test_bundled_task():
 
 
 def test_tfds_tasks_under_mock_data():
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
   with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=4):
     sst2 = readers.read_split(get_config("sst2").task, "train")
     assert sst2.label_names == ["negative", "positive"] and len(sst2.records) == 4

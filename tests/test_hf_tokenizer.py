@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 from tokenizers.implementations import BertWordPieceTokenizer  # noqa: E402
 
@@ -97,14 +97,25 @@ def test_imported_bert_fine_tunes_with_its_wordpiece_tokenizer(verses, tmp_path)
   c.data.seq_len = 32  # the tiny model has 40 positions
   s = loop.finetune(c, str(tmp_path / "ft"), quiet=True)
   assert s.steps == 2 and np.isfinite(s.best["loss"])
-  tok = tokenizer_lib.load_tokenizer(tokenizer_lib.workdir_tokenizer(tmp_path / "ft")
-                                     or wd / "hf" / "tokenizer.json")
-  assert tok.vocab_size <= VOCAB and tok.cls_id == 2
-  # Pretraining data through the same tokenizer: whole-word masking sees its word starts.
+  saved = tokenizer_lib.workdir_tokenizer(tmp_path / "ft")  # the fine-tuning run keeps it
+  assert saved is not None and saved.name == "tokenizer.json"
+  assert saved.read_bytes() == (wd / "hf" / "tokenizer.json").read_bytes()
+  # Pretraining data through the same tokenizer: an example's word ids (what whole-word
+  # masking groups by) follow transformers' word segmentation of the same text.
+  tok = tokenizer_lib.load_tokenizer(saved)
+  theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(saved))
   examples = pipeline.build_examples(
-      _data_cfg(str(wd / "hf" / "tokenizer.json"), str(tmp_path / "cache")), tok, "train",
-      seed=0, workdir=str(tmp_path / "pre"))
-  assert len(examples) > 0
+      _data_cfg(str(saved), str(tmp_path / "cache")), tok, "train", seed=0,
+      workdir=str(tmp_path / "pre"))
+  ex = examples[0]
+  n = int(ex["attention_mask"].sum())
+  ids, word_ids = ex["input_ids"][1:n], ex["word_ids"][1:n]  # after [CLS]
+  first = list(ids).index(tok.sep_id)  # the first sentence(s), up to the first [SEP]
+  enc = theirs(theirs.decode(ids[:first].tolist()), add_special_tokens=False)
+  assert enc["input_ids"] == ids[:first].tolist()
+  new_word = [i == 0 or w != enc.word_ids()[i - 1] for i, w in enumerate(enc.word_ids())]
+  ours_new = [i == 0 or word_ids[i] != word_ids[i - 1] for i in range(first)]
+  assert ours_new == new_word
 
 
 def _data_cfg(tokenizer: str, cache: str):

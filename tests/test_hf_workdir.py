@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from safetensors.numpy import load_file  # noqa: E402
 
 from bert_jax import checkpoint, hf, run_config, train  # noqa: E402

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from bert_jax import hf, train  # noqa: E402
 from objectives.base import SpecialIds  # noqa: E402

@@ -18,7 +18,7 @@ import pytest
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import run_config, train
-from tests.conftest import REPO, tiny_config, train_losses
+from tests.conftest import REPO, times_logged, tiny_config, train_losses
 from tests.test_train import SPECIAL, random_batch
 
 
@@ -88,6 +88,8 @@ def test_damaged_checkpoint_is_skipped_and_run_continues_identically(tmp_path, r
   assert list((wd / "checkpoints_unreadable").iterdir())
   a, b = train_losses(reference), train_losses(wd)
   assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
+  # Resumed from checkpoint 2 (steps 3 and 4 redone), not restarted from scratch.
+  assert times_logged(wd) == {1: 1, 2: 1, 3: 2, 4: 2, 5: 1, 6: 1}
 
 
 def test_sigterm_checkpoints_before_exit(tmp_path, bundled_tokenizer):
