@@ -150,8 +150,8 @@ def test_xlnet_encoder_does_not_leak():
 
 
 def test_xlnet_parity_import_and_export(tmp_path):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch
+  import transformers
   from bert_jax import hf_xlnet
   torch.manual_seed(0)
   ref = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**XLNET_HF)).eval()
@@ -211,20 +211,38 @@ def test_xlnet_preset_builds_and_every_parameter_learns():
 
 def test_xlnet_workdir_import_export_round_trip(tmp_path):
   """launch.import_hf / export_hf paths: an XLNetLMHeadModel crosses both ways intact."""
-  transformers = pytest.importorskip("transformers")
+  import torch
+  import transformers
+  from safetensors.numpy import load_file
+
   from bert_jax import hf
   cfg = transformers.XLNetConfig(vocab_size=99, d_model=32, n_layer=2, n_head=4, d_inner=64)
-  transformers.XLNetLMHeadModel(cfg).eval().save_pretrained(tmp_path / "src")
+  torch.manual_seed(0)
+  src = transformers.XLNetLMHeadModel(cfg).eval()
+  with torch.no_grad():  # non-zero biases and LayerNorms, so that a swapped one shows
+    for name, p in src.named_parameters():
+      if name.endswith("bias") or "layer_norm" in name:
+        p.add_(0.3 * torch.randn_like(p))
+  src.save_pretrained(tmp_path / "src")
   imported = hf.load(str(tmp_path / "src"))
   assert imported.family == "xlnet" and imported.objectives == "plm:1.0"
   hf.import_to_workdir(str(tmp_path / "src"), str(tmp_path / "wd"))
   hf.export_from_workdir(str(tmp_path / "wd"), str(tmp_path / "out"))
-  _, info = transformers.XLNetLMHeadModel.from_pretrained(tmp_path / "out",
-                                                          output_loading_info=True)
-  assert not info["missing_keys"] and not info["unexpected_keys"]
-  from safetensors.numpy import load_file
+  back, info = transformers.XLNetLMHeadModel.from_pretrained(tmp_path / "out",
+                                                             output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   a, b = load_file(tmp_path / "src" / "model.safetensors"), load_file(
       tmp_path / "out" / "model.safetensors")
+  # The one tied tensor: lm_loss.weight is transformer.word_embedding.weight, stored once.
+  tied = {"lm_loss.weight": "transformer.word_embedding.weight"}
+  assert set(src.state_dict()) - set(a) == set(tied)
+  assert set(a) == set(b), sorted(set(a) ^ set(b))
   for k in a:
-    if k in b:
-      np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # ... and every tensor of the reloaded model, the tied decoder included, is the source's.
+  src_state, back_state = src.state_dict(), back.state_dict()
+  assert set(src_state) == set(back_state)
+  for k, v in back_state.items():
+    assert torch.equal(v, src_state[k]), k
+  for k, target in tied.items():
+    assert torch.equal(back_state[k], back_state[target]), k

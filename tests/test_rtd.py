@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from bert_jax import checkpoint, hf, run_config, train  # noqa: E402
@@ -143,6 +143,45 @@ def test_generator_and_discriminator_match_transformers(pair):
   assert abs(float(loss) - float(disc.loss)) < TOL
   # Some tokens were replaced, so the loss has both classes.
   assert 0 < out["labels"].sum() <= masked.sum()
+
+
+def test_generator_and_total_losses_match_transformers(pair):
+  """The generator's MLM loss, and gen_weight * gen + disc_weight * disc, against
+  ElectraForMaskedLM(labels=...).loss and ElectraForPreTraining(labels=...).loss on the same
+  imported weights and the same corrupted batch (the generator's samples are ours: the
+  discriminator reads our disc_ids). Labels are built here as transformers defines them,
+  not taken from our outputs: the generator's are the original ids at the masked positions
+  and -100 elsewhere; the discriminator's are 1 where its input differs from the original
+  (a correct guess counts as original, as in ELECTRA), padding left out by attention_mask."""
+  b, out = jax.tree.map(np.asarray, pair.batch), pair.out
+  seg, mask = torch.tensor(b["segment_ids"]), torch.tensor(b["attention_mask"])
+  original, disc_ids = b["original_ids"], np.asarray(out["disc_ids"])
+  gen_labels = np.where(b["mlm_mask"], original, -100).astype(np.int64)
+  disc_labels = (disc_ids != original).astype(np.int64)
+  assert (gen_labels >= 0).sum() >= 8 and disc_labels.sum() > 0
+  assert (disc_labels[b["attention_mask"] == 0] == 0).all()  # what transformers drops
+  with torch.no_grad():
+    gen_ref = float(pair.gen(input_ids=torch.tensor(b["input_ids"]), token_type_ids=seg,
+                             attention_mask=mask, labels=torch.tensor(gen_labels)).loss)
+    disc_ref = float(pair.disc(input_ids=torch.tensor(disc_ids), token_type_ids=seg,
+                               attention_mask=mask, labels=torch.tensor(disc_labels)).loss)
+
+  _, metrics = pair.objective.loss(out, pair.batch)
+  total, count = (float(x) for x in metrics["gen_loss"])
+  assert count == (gen_labels >= 0).sum()
+  assert abs(total / count - gen_ref) < 1e-5, (total / count, gen_ref)
+  total, count = (float(x) for x in metrics["disc_loss"])
+  assert count == b["attention_mask"].sum()
+  assert abs(total / count - disc_ref) < 1e-5, (total / count, disc_ref)
+  # The weighted total, with the default weights (1, 50) and with others, so that a swap or
+  # a dropped term shows; the generator alone through the objective's own weighting too.
+  for gen_weight, disc_weight in ((1.0, 50.0), (0.7, 13.0), (1.0, 0.0)):
+    objective = dataclasses.replace(pair.objective, gen_weight=gen_weight,
+                                    disc_weight=disc_weight)
+    loss, _ = objective.loss(out, pair.batch)
+    want = gen_weight * gen_ref + disc_weight * disc_ref
+    assert abs(float(loss) - want) < 1e-5 * max(1.0, abs(want)), (gen_weight, disc_weight,
+                                                                 float(loss), want)
 
 
 def test_labels_mark_only_real_replacements(pair):
