@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Nothing is downloaded at test time: an accidental hub lookup fails instead.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Many tests compile the same small steps: share compiled executables between tests,
 # processes (xdist workers, CLI subprocesses) and runs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
