@@ -56,10 +56,10 @@ def plot(runs: dict[str, list[dict]], keys: Sequence[str], path: str) -> str:
 
   fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
   for ax, key in zip(axes[0], keys):
-    for name, rows in runs.items():
+    for i, (name, rows) in enumerate(runs.items()):  # one colour per run in every panel
       pts = [(r["step"], r[key]) for r in rows if key in r]
       if pts:
-        ax.plot(*zip(*pts), "o-", markersize=3, label=name)
+        ax.plot(*zip(*pts), "o-", markersize=3, label=name, color=f"C{i}")
     ax.set(title=f"eval {key}", xlabel="step")
     ax.grid(alpha=0.3)
     if key in CHANCE:
