@@ -84,6 +84,11 @@ def pretrain_config(ablation: ml_collections.ConfigDict, name: str, out: str):
     if isinstance(value, str) and value.startswith("@"):
       overrides = overrides.replace(f"={value}", f"={cell_dir(out, value[1:])}/pretrain")
   apply_overrides(config, overrides)
+  names = [n for n, _ in objectives_lib.parse_spec(config.objectives)]
+  if "distill" in names and config.distill.teacher and not config.data.tokenizer:
+    # A student reads its teacher's tokenizer (every cell trains the same one on the same
+    # corpus, but the distillation objective insists on being told).
+    config.data.tokenizer = os.path.join(config.distill.teacher, "tokenizer.model")
   budget = Budget(ablation.budget.kind, float(ablation.budget.value))
   config.train.steps = budget.steps_for(config)
   config.train.eval_every = min(config.train.eval_every, config.train.steps)

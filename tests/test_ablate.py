@@ -109,3 +109,12 @@ def test_unavailable_objective_is_listed_not_dropped(tmp_path):
                                 log=lambda m: None)
   assert results[0].status == "unavailable" and not calls
   assert "unavailable" in (tmp_path / "results.md").read_text()
+
+
+def test_teacher_cell_reference_gives_the_student_its_workdir_and_tokenizer(tmp_path):
+  config, _ = ablate.pretrain_config(ablation_config("default"), "distill", str(tmp_path))
+  teacher = os.path.join(ablate.cell_dir(str(tmp_path), "mlm"), "pretrain")
+  assert config.distill.teacher == teacher
+  assert config.data.tokenizer == os.path.join(teacher, "tokenizer.model")
+  mlm, _ = ablate.pretrain_config(ablation_config("default"), "mlm", str(tmp_path))
+  assert mlm.data.tokenizer == ""  # other cells train their own (the same one)
