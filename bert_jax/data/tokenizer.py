@@ -145,7 +145,48 @@ class Tokenizer(abc.ABC):
         """Writes the tokenizer into ``directory`` and returns the written file's path."""
 
 
-class SentencePieceTokenizer(Tokenizer):
+class _TableTokenizer(Tokenizer):
+    """The parts both implementations share: special ids found at load time (``_ids``,
+    ``_first_regular``, ``_vocab_size``) and a per-id word-start table."""
+
+    _ids: dict[str, int]
+    _first_regular: int
+    _vocab_size: int
+    _word_start_table: np.ndarray
+
+    @property
+    def pad_id(self) -> int:
+        return self._ids["pad"]
+
+    @property
+    def unk_id(self) -> int:
+        return self._ids["unk"]
+
+    @property
+    def cls_id(self) -> int:
+        return self._ids["cls"]
+
+    @property
+    def sep_id(self) -> int:
+        return self._ids["sep"]
+
+    @property
+    def mask_id(self) -> int:
+        return self._ids["mask"]
+
+    @property
+    def first_regular_id(self) -> int:
+        return self._first_regular
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def word_starts(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._word_start_table[np.asarray(ids, dtype=np.int64)]
+
+
+class SentencePieceTokenizer(_TableTokenizer):
     """A :class:`Tokenizer` backed by a sentencepiece model file.
 
     Special ids are taken from the model: the pad and unk ids sentencepiece records, else
@@ -208,34 +249,6 @@ class SentencePieceTokenizer(Tokenizer):
         return self._path
 
     @property
-    def pad_id(self) -> int:
-        return self._ids["pad"]
-
-    @property
-    def unk_id(self) -> int:
-        return self._ids["unk"]
-
-    @property
-    def cls_id(self) -> int:
-        return self._ids["cls"]
-
-    @property
-    def sep_id(self) -> int:
-        return self._ids["sep"]
-
-    @property
-    def mask_id(self) -> int:
-        return self._ids["mask"]
-
-    @property
-    def first_regular_id(self) -> int:
-        return self._first_regular
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
     def fingerprint(self) -> str:
         return self._fingerprint
 
@@ -244,9 +257,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
-
-    def word_starts(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self._word_start_table[np.asarray(ids, dtype=np.int64)]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         # sentencepiece renders user-defined symbols as their text; padding is dropped.
@@ -261,7 +271,7 @@ class SentencePieceTokenizer(Tokenizer):
         return f"SentencePieceTokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(_TableTokenizer):
     """A :class:`Tokenizer` backed by a Hugging Face ``tokenizer.json`` (the ``tokenizers``
     library): BERT's WordPiece, RoBERTa's byte-level BPE, or a unigram model, as imported
     with a checkpoint. Text is normalised as the file says (e.g. lower-cased for uncased
@@ -318,34 +328,6 @@ class HFTokenizer(Tokenizer):
         return self._path
 
     @property
-    def pad_id(self) -> int:
-        return self._ids["pad"]
-
-    @property
-    def unk_id(self) -> int:
-        return self._ids["unk"]
-
-    @property
-    def cls_id(self) -> int:
-        return self._ids["cls"]
-
-    @property
-    def sep_id(self) -> int:
-        return self._ids["sep"]
-
-    @property
-    def mask_id(self) -> int:
-        return self._ids["mask"]
-
-    @property
-    def first_regular_id(self) -> int:
-        return self._first_regular
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
     def fingerprint(self) -> str:
         return hashlib.sha256(self._bytes).hexdigest()
 
@@ -364,9 +346,6 @@ class HFTokenizer(Tokenizer):
                 b += 1
             spans.append((b, end))
         return e.ids, np.asarray(spans, np.int64).reshape(-1, 2)
-
-    def word_starts(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self._word_start_table[np.asarray(ids, dtype=np.int64)]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id],
