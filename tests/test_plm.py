@@ -149,16 +149,24 @@ def test_xlnet_encoder_does_not_leak():
   check_no_leak(*forward_perturbed(cfg, plm_objective(head_transform=False)))
 
 
+def perturbed_xlnet(config):
+  """A random XLNetLMHeadModel with non-zero biases and LayerNorms, so a swapped one shows."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  model = transformers.XLNetLMHeadModel(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "layer_norm" in name:
+        p.add_(0.3 * torch.randn_like(p))
+  return model
+
+
 def test_xlnet_parity_import_and_export(tmp_path):
   import torch
   import transformers
   from bert_jax import hf_xlnet
-  torch.manual_seed(0)
-  ref = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**XLNET_HF)).eval()
-  with torch.no_grad():  # non-zero biases and LayerNorms, so that a swapped one shows
-    for name, p in ref.named_parameters():
-      if name.endswith("bias") or "layer_norm" in name:
-        p.add_(0.3 * torch.randn_like(p))
+  ref = perturbed_xlnet(transformers.XLNetConfig(**XLNET_HF))
   ref.save_pretrained(tmp_path / "ref")
   imported = hf_xlnet.load(str(tmp_path / "ref"))
   assert imported.groups == ("plm",) and not imported.ignored
@@ -217,12 +225,7 @@ def test_xlnet_workdir_import_export_round_trip(tmp_path):
 
   from bert_jax import hf
   cfg = transformers.XLNetConfig(vocab_size=99, d_model=32, n_layer=2, n_head=4, d_inner=64)
-  torch.manual_seed(0)
-  src = transformers.XLNetLMHeadModel(cfg).eval()
-  with torch.no_grad():  # non-zero biases and LayerNorms, so that a swapped one shows
-    for name, p in src.named_parameters():
-      if name.endswith("bias") or "layer_norm" in name:
-        p.add_(0.3 * torch.randn_like(p))
+  src = perturbed_xlnet(cfg)
   src.save_pretrained(tmp_path / "src")
   imported = hf.load(str(tmp_path / "src"))
   assert imported.family == "xlnet" and imported.objectives == "plm:1.0"
