@@ -24,6 +24,7 @@ import numpy as np
 import objectives as objectives_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax.budget import Budget
+from bert_jax.data import tokenizer as tokenizer_lib
 
 RESULT, FAILED = "result.json", "failed.json"
 
@@ -88,7 +89,7 @@ def pretrain_config(ablation: ml_collections.ConfigDict, name: str, out: str):
   if "distill" in names and config.distill.teacher and not config.data.tokenizer:
     # A student reads its teacher's tokenizer (every cell trains the same one on the same
     # corpus, but the distillation objective insists on being told).
-    config.data.tokenizer = os.path.join(config.distill.teacher, "tokenizer.model")
+    config.data.tokenizer = os.path.join(config.distill.teacher, tokenizer_lib.MODEL_FILENAME)
   budget = Budget(ablation.budget.kind, float(ablation.budget.value))
   config.train.steps = budget.steps_for(config)
   config.train.eval_every = min(config.train.eval_every, config.train.steps)

@@ -1219,11 +1219,10 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
   if os.path.isfile(os.path.join(hf_in, base_file)):
     with open(os.path.join(hf_in, base_file)) as f:
       base = json.load(f)
-  spm_path = os.path.join(workdir, "tokenizer.model")
-  json_path = os.path.join(workdir, "tokenizer.json")  # a run given an imported tokenizer
-  if base is None and (os.path.isfile(spm_path) or os.path.isfile(json_path)):
-    from bert_jax.data.tokenizer import load_tokenizer
-    tok = load_tokenizer(spm_path if os.path.isfile(spm_path) else json_path)
+  from bert_jax.data import tokenizer as tokenizer_lib
+  own = tokenizer_lib.workdir_tokenizer(workdir)  # tokenizer.model, else tokenizer.json
+  if base is None and own is not None:
+    tok = tokenizer_lib.load_tokenizer(own)
     special = {"pad_token_id": tok.pad_id, "bos_token_id": tok.cls_id,
                "eos_token_id": tok.sep_id}
   known = ({"plm"} if _separate(family) is not None
@@ -1234,12 +1233,12 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
   hf_config = save_pretrained(out_dir, family, cfg, params, heads_mode=heads_mode,
                               base_config=base, special_ids=special)
   tokenizer = copy_tokenizer_files(hf_in, out_dir) if os.path.isdir(hf_in) else []
-  if not tokenizer and os.path.isfile(spm_path):
-    sentencepiece_to_hf(spm_path, out_dir, model_max_length=cfg.max_position_embeddings
+  if not tokenizer and own is not None and own.suffix == ".model":
+    sentencepiece_to_hf(str(own), out_dir, model_max_length=cfg.max_position_embeddings
                         - cfg.position_offset, token_types=cfg.type_vocab_size > 0)
     tokenizer = ["tokenizer.json", "tokenizer_config.json"]
-  if not tokenizer and os.path.isfile(json_path):
-    shutil.copyfile(json_path, os.path.join(out_dir, "tokenizer.json"))
+  if not tokenizer and own is not None and own.suffix == ".json":  # an imported tokenizer
+    shutil.copyfile(own, os.path.join(out_dir, "tokenizer.json"))
     tokenizer = ["tokenizer.json"]
   if not tokenizer:
     log.warning("%s has no tokenizer; %s holds the model alone", workdir, out_dir)
