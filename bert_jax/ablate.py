@@ -24,6 +24,7 @@ import numpy as np
 import objectives as objectives_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax.budget import Budget
+from bert_jax.compile_cache import use_compilation_cache
 from bert_jax.data import tokenizer as tokenizer_lib
 
 RESULT, FAILED = "result.json", "failed.json"
@@ -166,6 +167,8 @@ def run_ablation(ablation: ml_collections.ConfigDict, out: str, *,
                  finetune_fn: Callable = finetune_score,
                  log: Callable[[str], None] = print) -> list[CellResult]:
   os.makedirs(out, exist_ok=True)
+  # Cells of one architecture fine-tune the same shapes 3 x tasks x seeds times.
+  use_compilation_cache(os.path.join(out, "jax_cache"))
   with open(os.path.join(out, "ablation.json"), "w") as f:
     f.write(ablation.to_json_best_effort(indent=2))
   names = [n for n in ablation.order.split(",") if n]

@@ -32,13 +32,11 @@ def demo(pretrain_workdir: str, out_dir: str, **overrides: Any) -> dict[str, Any
   """Fine-tunes `pretrain_workdir`'s checkpoint and the same architecture from random
   weights (same config and seed) on the bundled task; prints and returns both dev scores
   and writes them to out_dir/demo_results.json."""
-  import jax
-
+  from bert_jax.compile_cache import use_compilation_cache
   from bert_jax.finetune.loop import finetune
 
-  if not jax.config.jax_compilation_cache_dir:
-    # Both runs compile the same steps: the second one reads them from this cache.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "jax_cache"))
+  # Both runs compile the same steps: the second one reads them from this cache.
+  use_compilation_cache(os.path.join(out_dir, "jax_cache"))
   config = demo_config(pretrain_workdir, **overrides)
   baseline = ml_collections.ConfigDict(config.to_dict())
   baseline.init_weights = False
