@@ -23,7 +23,7 @@ import numpy as np
 
 import objectives as objectives_lib
 from bert_jax import metrics as metrics_lib
-from bert_jax.budget import Budget
+from bert_jax.budget import Budget, step_flops
 from bert_jax.compile_cache import use_compilation_cache
 from bert_jax.data import tokenizer as tokenizer_lib
 
@@ -73,6 +73,7 @@ class CellResult:
   wall_time_s: float = 0.0
   tokens_per_second: float = 0.0
   error: str = ""
+  model_flops: float = 0.0  # pretraining model FLOPs (budget.step_flops x steps), any budget kind
 
 
 def pretrain_config(ablation: ml_collections.ConfigDict, name: str, out: str):
@@ -124,7 +125,8 @@ def run_cell(ablation, name: str, out: str, *, pretrain_fn: Callable, finetune_f
   result = CellResult(name, "done", objectives=config.objectives, steps=config.train.steps,
                       budget_spent=budget.spent(config, config.train.steps),
                       pretrain=last_eval(os.path.join(directory, "pretrain")),
-                      tokens_per_second=summary.tokens_per_second)
+                      tokens_per_second=summary.tokens_per_second,
+                      model_flops=step_flops(config) * config.train.steps)
   for task in [t for t in ablation.finetune.tasks.split(",") if t]:
     scores = []
     for seed in [int(s) for s in str(ablation.finetune.seeds).split(",") if s.strip()]:
@@ -213,17 +215,28 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
       math.nan, math.nan)
 
 
+def fill_model_flops(results: list[CellResult], out: str) -> None:
+  """Model FLOPs of done cells whose result.json predates the field, from their saved config."""
+  from bert_jax import run_config
+  for r in results:
+    workdir = os.path.join(cell_dir(out, r.name), "pretrain")
+    if r.status == "done" and not r.model_flops and os.path.exists(
+        os.path.join(workdir, run_config.CONFIG_FILE)):
+      r.model_flops = step_flops(run_config.load(workdir)) * r.steps
+
+
 def write_results(results: list[CellResult], out: str, ablation) -> None:
+  fill_model_flops(results, out)
   tasks = sorted({t for r in results for t in r.scores})
   pre_keys = sorted({k for r in results for k in r.pretrain if k.endswith(("loss", "accuracy"))})
   unit = ablation.budget.kind
-  header = (["cell", "status", "objectives", "steps", f"budget_{unit}"] + pre_keys +
+  header = (["cell", "status", "objectives", "steps", f"budget_{unit}", "model_flops"] + pre_keys +
             [f"{t}_mean" for t in tasks] + [f"{t}_std" for t in tasks] +
             ["wall_time_s", "tokens_per_s"])
   rows = []
   for r in results:
     stats = {t: _mean_std(r.scores.get(t, [])) for t in tasks}
-    rows.append([r.name, r.status, r.objectives, r.steps, r.budget_spent] +
+    rows.append([r.name, r.status, r.objectives, r.steps, r.budget_spent, r.model_flops] +
                 [r.pretrain.get(k, math.nan) for k in pre_keys] +
                 [stats[t][0] for t in tasks] + [stats[t][1] for t in tasks] +
                 [round(r.wall_time_s, 1), round(r.tokens_per_second, 1)])
@@ -237,16 +250,17 @@ def write_results(results: list[CellResult], out: str, ablation) -> None:
         f"{x:.4g}" if isinstance(x, float) else str(x))
 
   md = [f"# Ablation `{ablation.name}`: budget {fmt(float(ablation.budget.value))} {unit} per cell",
-        "", "| cell | status | objectives | steps | " + " | ".join(pre_keys) + " | " +
+        "", "| cell | status | objectives | steps | model FLOPs | " + " | ".join(pre_keys) + " | " +
         " | ".join(f"{t} (mean ± std over seeds)" for t in tasks) + " | wall s | tok/s |",
-        "|" + "---|" * (4 + len(pre_keys) + len(tasks) + 2)]
+        "|" + "---|" * (5 + len(pre_keys) + len(tasks) + 2)]
   for r in results:
     scores = []
     for t in tasks:
       m, s = _mean_std(r.scores.get(t, []))
       scores.append("–" if math.isnan(m) else f"{m:.4f} ± {s:.4f}")
     status = r.status if r.status == "done" else f"{r.status}: {r.error[:80]}"
-    md.append(f"| {r.name} | {status} | {r.objectives} | {r.steps} | " +
+    flops_text = f"{r.model_flops:.3g}" if r.model_flops else "–"
+    md.append(f"| {r.name} | {status} | {r.objectives} | {r.steps} | {flops_text} | " +
               " | ".join(fmt(r.pretrain.get(k, math.nan)) for k in pre_keys) + " | " +
               " | ".join(scores) + f" | {r.wall_time_s:.0f} | {r.tokens_per_second:,.0f} |")
   with open(os.path.join(out, "results.md"), "w") as f:
@@ -288,9 +302,11 @@ def plot_results(results, out: str, ablation, tasks: list[str]) -> list[str]:
     a1.set_ylabel(f"{t} dev score")
     a1.set_title(f"{t}: mean ± std over seeds")
     a1.tick_params(axis="x", rotation=30)
+    # Model FLOPs, not the budget's unit: under a steps or tokens budget the cells differ
+    # in compute (ELECTRA's generator, PLM's query stream, a teacher's forward).
     for r, (m, s) in zip(done, stats):
-      a2.errorbar([r.budget_spent], [m], yerr=[s], fmt="o", capsize=4, label=r.name)
-    a2.set_xlabel(f"pretraining compute ({unit})")
+      a2.errorbar([r.model_flops], [m], yerr=[s], fmt="o", capsize=4, label=r.name)
+    a2.set_xlabel("pretraining compute (model FLOPs)")
     a2.set_ylabel(f"{t} dev score")
     a2.grid(alpha=0.3)
     a2.legend(fontsize=8)

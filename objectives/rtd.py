@@ -84,7 +84,7 @@ class RTDModule(nn.Module):
 
 
 def discriminator_loss(logits_BxL, labels_BxL, mask_BxL):
-  """Sigmoid CE over non-pad tokens (mean), plus accuracy/precision/recall as (sum, count)."""
+  """Sigmoid CE over non-pad tokens (mean), plus accuracy/precision/recall/AUC as (sum, count)."""
   w = (mask_BxL > 0).astype(jnp.float32)
   y = labels_BxL.astype(jnp.float32)
   ce = jnp.maximum(logits_BxL, 0) - logits_BxL * y + jnp.log1p(jnp.exp(-jnp.abs(logits_BxL)))
@@ -97,7 +97,27 @@ def discriminator_loss(logits_BxL, labels_BxL, mask_BxL):
       "disc_precision": heads.metric(tp, jnp.sum(pred * w)),
       "disc_recall": heads.metric(tp, jnp.sum(y * w)),
       "replaced_fraction": heads.metric(jnp.sum(y * w), n),
+      "disc_auc": detection_auc(logits_BxL, y, w),
   }
+
+
+def detection_auc(logits_BxL, y_BxL, w_BxL):
+  """ROC AUC of the discriminator over the batch's non-pad tokens, as (pairs ranked right,
+  pairs): the chance that a replaced token scores above an original one. Unlike recall at
+  0.5, it moves while the discriminator still predicts "original" everywhere, which is
+  where a small model spends its first thousands of steps.
+  """
+  flat_w = w_BxL.reshape(-1) > 0
+  flat_y = y_BxL.reshape(-1) * flat_w
+  # Pads sort first, so a valid token's rank minus the pad count is its rank among valid ones.
+  scores = jnp.where(flat_w, logits_BxL.reshape(-1).astype(jnp.float32), -jnp.inf)
+  ranks = jnp.argsort(jnp.argsort(scores)).astype(jnp.float32)
+  valid_ranks = ranks - jnp.sum(~flat_w)
+  positives = jnp.sum(flat_y)
+  negatives = jnp.sum(flat_w) - positives
+  # Mann-Whitney U: originals ranked below each replaced token, summed.
+  u = jnp.sum(valid_ranks * flat_y) - positives * (positives - 1) / 2
+  return heads.metric(u, positives * negatives)
 
 
 @objectives.register

@@ -9,6 +9,7 @@ import pytest
 
 from bert_jax import ablate
 from bert_jax import metrics as metrics_lib
+from bert_jax import run_config
 from bert_jax.budget import Budget, step_flops
 from configs.ablate import get_config as ablation_config
 from configs.pretrain import get_config
@@ -95,6 +96,27 @@ def test_resume_skips_finished_cells_and_reports_failures(tmp_path, monkeypatch)
   assert "0.5500 ± 0.0707" in md
   for png in ("pretrain_loss.png", "scores_bundled.png"):
     assert (tmp_path / png).stat().st_size > 1000
+
+  # Model FLOPs per cell: the budget module's per-step count of the cell's own config (the
+  # MLM + SOP cell pays for the pair head on top of the MLM cell's encoder and head).
+  flops = {}
+  for name in ("mlm", "mlm_sop", "rtd"):
+    config, _ = ablate.pretrain_config(abl, name, str(tmp_path))
+    flops[name] = float(rows[name]["model_flops"])
+    assert flops[name] == pytest.approx(step_flops(config) * 3)
+  assert flops["mlm_sop"] > flops["mlm"] > 0
+  # A result.json written before the field existed gets it from the cell's saved config.
+  done = tmp_path / "cells/mlm/result.json"
+  old = json.load(open(done))
+  del old["model_flops"]
+  json.dump(old, open(done, "w"))
+  config, _ = ablate.pretrain_config(abl, "mlm", str(tmp_path))
+  run_config.save(config, str(tmp_path / "cells/mlm/pretrain"))
+  ablate.run_ablation(abl, str(tmp_path), pretrain_fn=pretrain, finetune_fn=finetune,
+                      log=lambda m: None)
+  with open(tmp_path / "results.csv") as f:
+    rows = {r["cell"]: r for r in csv.DictReader(f)}
+  assert float(rows["mlm"]["model_flops"]) == pytest.approx(flops["mlm"])
 
 
 def test_unavailable_objective_is_listed_not_dropped(tmp_path):

@@ -291,3 +291,29 @@ def test_short_run_exports_both_towers(tmp_path, bundled_tokenizer):
   imported_config = run_config.load(str(tmp_path / "imported"))
   assert imported_config.objectives == "rtd:1.0"
   assert imported_config.rtd.generator_size == 0.25
+
+
+def test_detection_auc_counts_correctly_ranked_pairs_over_non_pad_tokens():
+  """Against the definition: over every (replaced, original) pair of non-pad tokens, the
+  share where the replaced token scores higher; pads (some with high scores) are ignored."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 24)).astype(np.float32)
+  labels = (rng.random((4, 24)) < 0.2).astype(np.int32)
+  mask = np.ones((4, 24), np.int32)
+  mask[1, 15:] = 0
+  mask[3, 5:] = 0
+  logits[mask == 0] = 50.0  # would win every pair if pads counted
+  labels[1, 20] = 1  # a "replaced" pad must not count either
+  valid = mask > 0
+  pos, neg = logits[valid & (labels == 1)], logits[valid & (labels == 0)]
+  want = (pos[:, None] > neg[None, :]).mean()
+  _, metrics = discriminator_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+  right, pairs = metrics["disc_auc"]
+  assert int(pairs) == pos.size * neg.size
+  assert abs(float(right) / float(pairs) - want) < 1e-6
+  # A perfect and an inverted discriminator.
+  for sign, auc in ((1.0, 1.0), (-1.0, 0.0)):
+    ordered = np.where(labels == 1, sign * 5.0, -sign * 5.0) + 0.01 * logits
+    right, pairs = discriminator_loss(jnp.asarray(ordered), jnp.asarray(labels),
+                                      jnp.asarray(mask))[1]["disc_auc"]
+    assert float(right) / float(pairs) == auc
