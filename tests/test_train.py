@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -200,3 +201,28 @@ def test_a_step_that_cannot_fit_is_refused_before_allocation(tmp_path, bundled_t
   with pytest.raises(MemoryError, match=r"needs .* GiB per device .* train.batch_size"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
   assert not list((tmp_path / "w" / "checkpoints").glob("*"))
+
+
+def test_static_pairs_note_names_the_passes_and_a_dupe_factor():
+  assert train.static_pairs_note("single", 100, 10_000, 1) is None  # MLM re-masks anyway
+  assert train.static_pairs_note("sop", 1000, 4000, 1) is None  # 4 passes: fine
+  note = train.static_pairs_note("sop", 17_000, 8000 * 32, 1)
+  assert "15.1 times" in note and "--config.data.dupe_factor=4" in note
+  # Already duplicated, still too many passes: the suggestion grows from the current value.
+  assert "--config.data.dupe_factor=8" in train.static_pairs_note("nsp", 1000, 16_000, 2)
+
+
+def test_pair_run_over_few_pairs_warns_at_start(tmp_path, bundled_tokenizer, caplog):
+  """A real NSP run whose 6 steps x 8 read a 5-document corpus's few pairs many times."""
+  docs = [[f"Sentence {i} of document {d} says something about item {i + d}."
+           for i in range(4)] for d in range(5)]
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n\n".join("\n".join(d) for d in docs))
+  c = tiny_config(bundled_tokenizer, str(tmp_path / "cache"), data__source="text",
+                  data__train_files=str(corpus), data__eval_files=str(corpus),
+                  objectives="mlm:1.0,nsp:1.0", train__steps=6, train__eval_batches=1,
+                  train__batch_size=8, train__eval_every=6, train__checkpoint_every=6)
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  notes = [r.getMessage() for r in caplog.records if "dupe_factor" in r.getMessage()]
+  assert len(notes) == 1 and notes[0].startswith("NSP pairs are drawn once")
