@@ -23,6 +23,7 @@ import numpy as np
 
 import objectives as objectives_lib
 from bert_jax import metrics as metrics_lib
+from bert_jax import run_config
 from bert_jax.budget import Budget, step_flops
 from bert_jax.compile_cache import use_compilation_cache
 from bert_jax.data import tokenizer as tokenizer_lib
@@ -217,7 +218,6 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def fill_model_flops(results: list[CellResult], out: str) -> None:
   """Model FLOPs of done cells whose result.json predates the field, from their saved config."""
-  from bert_jax import run_config
   for r in results:
     workdir = os.path.join(cell_dir(out, r.name), "pretrain")
     if r.status == "done" and not r.model_flops and os.path.exists(
