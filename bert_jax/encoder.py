@@ -627,7 +627,14 @@ class Encoder(nn.Module):
                deterministic: bool = True, query_states: Array | None = None,
                query_mask: Array | None = None, query_positions: Array | None = None,
                output_hidden_states: bool = False, output_attentions: bool = False,
-               inputs_embeds: Array | None = None) -> dict[str, Any]:
+               inputs_embeds: Array | None = None,
+               stop_gradient_layer: Array | int | None = None) -> dict[str, Any]:
+    """Hidden states (and every layer's, and attention maps, on request).
+
+    `stop_gradient_layer` (an int, possibly traced; -1 or None: none) cuts the gradient at
+    that layer's input, so the embeddings and the layers below it are not trained
+    (progressive layer-wise distillation trains one layer at a time).
+    """
     cfg = self.cfg
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -651,6 +658,8 @@ class Encoder(nn.Module):
           deterministic=deterministic)
     hidden, attentions = [x], []
     for i in range(cfg.num_layers):
+      if stop_gradient_layer is not None:
+        x = jnp.where(stop_gradient_layer == i, jax.lax.stop_gradient(x), x)
       x, g, probs = self.layer_module(i)(x, mask, deterministic, g, qmask, output_attentions,
                                          rel, query_rel)
       hidden.append(x)

@@ -1,7 +1,9 @@
-"""The pretraining model: the shared encoder plus the selected objectives' heads.
+"""The model: the shared encoder plus the selected objectives' heads.
 
-Parameters live under "encoder" (what fine-tuning and export load) and one subtree per
-objective, named after it ("mlm", "nsp", "rtd", ...).
+Parameters live under "encoder" (what fine-tuning and export load) and the subtrees each
+objective declares in `param_groups()` (by default one named after it: "mlm", "nsp", ...).
+The encoder runs once over each distinct input the objectives read (`Composition.passes`):
+the clean batch, or a view such as MLM's masked ids shared by MLM and NSP.
 """
 
 from __future__ import annotations
@@ -13,16 +15,34 @@ import flax.linen as nn
 from bert_jax.encoder import Encoder, EncoderConfig
 
 
+def as_composition(objs: Any):
+  """A Composition, or a tuple of objectives (weight 1 each) made into one."""
+  import objectives
+  if isinstance(objs, objectives.Composition):
+    return objs
+  return objectives.compose(tuple(objectives.WeightedObjective(o, 1.0) for o in objs))
+
+
 class PretrainModel(nn.Module):
   encoder_config: EncoderConfig
-  objectives: tuple[Any, ...]  # objectives.Objective instances (frozen dataclasses)
+  composition: Any  # objectives.Composition (frozen, hashable), or a tuple of objectives
 
   @nn.compact
   def __call__(self, batch: dict[str, Any], *, deterministic: bool) -> dict[str, Any]:
+    """`batch`: Composition.corrupt's {"clean", "views", "own"} -> {objective: outputs}."""
+    comp = as_composition(self.composition)
     encoder = Encoder(self.encoder_config, name="encoder")
-    encoded = None
-    if any(o.uses_shared_forward for o in self.objectives):
-      encoded = encoder(batch["input_ids"], batch.get("segment_ids"), batch["attention_mask"],
-                        deterministic=deterministic)
-    return {o.name: o.head(self.encoder_config, name=o.name)(
-        encoded, batch, encoder, deterministic=deterministic) for o in self.objectives}
+    encoded = {}
+    for i in comp.passes():
+      src = batch["clean"] if i is None else batch["views"][i]
+      clean = batch["clean"]
+      encoded[i] = encoder(src["input_ids"], clean.get("segment_ids"), clean["attention_mask"],
+                           deterministic=deterministic)
+    out = {}
+    for w in comp.objectives:
+      o = w.objective
+      inputs = comp.inputs(batch, o)
+      out[o.name] = o.head(self.encoder_config, name=o.name)(
+          None if o.runs_encoder else encoded[comp.view_index(o)], inputs, encoder,
+          deterministic=deterministic)
+    return out

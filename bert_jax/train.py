@@ -50,7 +50,7 @@ class Setup:
   """What the steps close over: the model, the weighted objectives, the optimizer."""
 
   model: PretrainModel
-  objectives: tuple[objectives_lib.WeightedObjective, ...]
+  objectives: objectives_lib.Composition
   tx: optax.GradientTransformation
   grad_accum: int = 1
   nan_policy: str = "stop"  # stop | skip (drop the update of a non-finite step, count it)
@@ -104,7 +104,7 @@ def build_setup(config: ml_collections.ConfigDict, special: SpecialIds,
                 total_steps: int | None = None) -> Setup:
   encoder_cfg = EncoderConfig.from_dict(config.model)
   weighted = objectives_lib.build(config, special)
-  model = PretrainModel(encoder_cfg, tuple(w.objective for w in weighted))
+  model = PretrainModel(encoder_cfg, weighted)
   frozen = tuple(p for w in weighted for p in w.objective.frozen_paths())
   tx = optim.make_optimizer(config.optim, total_steps or config.train.steps, frozen)
   if config.train.nan_policy not in NAN_POLICIES:
@@ -123,9 +123,9 @@ def build_setup(config: ml_collections.ConfigDict, special: SpecialIds,
 
 
 def corrupt(setup: Setup, batch: Batch, key: jax.Array) -> Batch:
-  for i, w in enumerate(setup.objectives):
-    batch = w.objective.corrupt(batch, jax.random.fold_in(key, i))
-  return batch
+  """The clean batch -> {"clean", "views", "own"}: each view and objective corrupts on a
+  key folded with its own name (objectives.Composition)."""
+  return setup.objectives.corrupt(batch, key)
 
 
 def compute_loss(params: Any, setup: Setup, batch: Batch, dropout_key: jax.Array,
@@ -135,7 +135,7 @@ def compute_loss(params: Any, setup: Setup, batch: Batch, dropout_key: jax.Array
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for w in setup.objectives:
-    loss, m = w.objective.loss(outputs[w.objective.name], batch)
+    loss, m = w.objective.loss(outputs[w.objective.name], setup.objectives.inputs(batch, w.objective))
     total = total + w.weight * loss
     metrics.update({f"{w.objective.name}/{k}": v for k, v in m.items()})
   metrics["loss"] = (total, jnp.ones((), jnp.float32))
@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"data.seq_len={config.data.seq_len} exceeds "
                      f"model.max_position_embeddings="
                      f"{setup.model.encoder_config.max_position_embeddings}")
-  kind = objectives_lib.example_kind(setup.objectives)
+  kind = objectives_lib.example_kind(setup.objectives).name
 
   train_ds = pipeline.build_dataset(config.data, tokenizer, "train", seed=config.seed,
                                     example_kind=kind, workdir=workdir,

@@ -10,6 +10,10 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+import objectives
+from bert_jax.encoder import EncoderConfig
+from objectives.base import section_defaults
+
 SIZES = {
     #        layers hidden heads  ffn  batch  seq  steps   lr    warmup
     "tiny": (2, 128, 2, 512, 32, 128, 600, 1e-3, 60),
@@ -18,17 +22,21 @@ SIZES = {
 }
 
 
+def section(fields: dict[str, tuple]) -> ml_collections.ConfigDict:
+  """{field: (default, type, optional)} -> a ConfigDict; optional fields left at None are
+  typed placeholders, so that every field can be set on the command line."""
+  return ml_collections.ConfigDict({
+      k: config_dict.placeholder(tp) if default is None and optional else default
+      for k, (default, tp, optional) in fields.items()})
+
+
 def encoder_fields(size: str) -> ml_collections.ConfigDict:
+  """Every EncoderConfig field (its dataclass is the schema), sized for `size`."""
   layers, hidden, heads, ffn, *_ = SIZES[size]
-  return ml_collections.ConfigDict(dict(
-      vocab_size=8000 if size != "base" else 30522,
-      hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=ffn,
-      embedding_size=config_dict.placeholder(int), max_position_embeddings=512,
-      position_offset=0, type_vocab_size=2, hidden_act="gelu",
-      head_act=config_dict.placeholder(str), hidden_dropout=0.1,
-      attention_dropout=0.1, layer_norm_eps=1e-12, initializer_range=0.02,
-      pre_layer_norm=False, num_layer_groups=config_dict.placeholder(int),
-      dtype="float32", param_dtype="float32", remat="none", attention_impl="auto"))
+  c = section(section_defaults(EncoderConfig))
+  c.update(dict(vocab_size=8000 if size != "base" else 30522, hidden_size=hidden,
+                num_layers=layers, num_heads=heads, intermediate_size=ffn))
+  return c
 
 
 def base_config(size: str) -> ml_collections.ConfigDict:
@@ -40,33 +48,14 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   # Weighted objectives, e.g. "mlm:1.0,nsp:1.0"; each reads its own section below.
   c.objectives = "mlm:1.0"
   c.model = encoder_fields(size)
-  c.mlm = ml_collections.ConfigDict(dict(
-      rate=0.15, max_predictions=max(20, round(seq * 0.15 + 0.5)), mask_prob=0.8,
-      random_prob=0.1, whole_word=False, span="none", max_ngram=3, span_p=0.2, max_span=10,
-      static=False, dupe_factor=10, predict_all=False))
-  # ELECTRA: masking 15% with 85% [MASK] / 15% kept, generator at 1/4 width, loss
-  # gen_weight * MLM + disc_weight * discriminator.
-  c.rtd = ml_collections.ConfigDict(dict(
-      rate=0.15, max_predictions=c.mlm.max_predictions, mask_prob=0.85, random_prob=0.0,
-      generator_size=0.25, generator_layers=0, temperature=1.0, gen_weight=1.0,
-      disc_weight=50.0))
-  # XLNet's permutation LM: predict about 1/partial_k of the tokens, in spans of up to
-  # max_span tokens with p(n) ~ 1/n, gathered into max_predictions slots; head_transform:
-  # BERT's MLM head on the query stream (True) or XLNet's tied embeddings + bias (False).
-  c.plm = ml_collections.ConfigDict(dict(
-      partial_k=6, max_predictions=max(20, round(seq / 6 + 0.5)), max_span=5,
-      whole_word=False, head_transform=True))
-  # Distillation (objectives/distill.py, docs/distill.md): teacher = a workdir (ours or
-  # imported); loss alpha_ce * T^2 * KL + alpha_mlm * MLM + alpha_cos * cosine (DistilBERT:
-  # 5, 2, 1, T=2); mode "layerwise" adds MobileBERT's per-layer feature-map MSE and
-  # attention KL, scheduled progressive | all_at_once | auxiliary over stage_steps per layer.
-  # student_layers: teacher layers copied into the student ("0,2,4,7,9,11"; "": every
-  # second); init_student copies embeddings, those layers and the MLM head.
-  c.distill = ml_collections.ConfigDict(dict(
-      teacher="", teacher_step=-1, mode="distilbert", temperature=2.0, alpha_ce=5.0,
-      alpha_mlm=2.0, alpha_cos=1.0, alpha_hidden=1.0, alpha_attention=1.0,
-      schedule="progressive", stage_steps=max(1, steps // 20), init_student=True,
-      student_layers=""))
+  # One section per registered objective: its Config dataclass (objectives/*.py) is the
+  # schema and holds the paper's defaults; here only the values that depend on the size.
+  for name, fields in objectives.config_sections().items():
+    c[name] = section(fields)
+  c.mlm.max_predictions = max(20, round(seq * 0.15 + 0.5))
+  c.rtd.max_predictions = c.mlm.max_predictions
+  c.plm.max_predictions = max(20, round(seq / 6 + 0.5))
+  c.distill.stage_steps = max(1, steps // 20)
   c.data = ml_collections.ConfigDict(dict(
       source="bundled", train_files="", eval_files="", text_format="sentences",
       tfds_name="", tfds_data_dir="", tfds_text_key="text", train_split="train",
@@ -182,7 +171,6 @@ def mobilebert(c: ml_collections.ConfigDict) -> None:
   c.model.update(dict(num_layers=layers, hidden_size=hidden, embedding_size=embedding,
                       num_heads=heads, intermediate_size=ffn, hidden_act="relu",
                       hidden_dropout=0.0))
-  # Fields the other presets leave at EncoderConfig's defaults (no bottleneck, 1 FFN, ...).
   c.model.intra_bottleneck_size = bottleneck
   c.model.use_bottleneck_attention = False
   c.model.key_query_shared_bottleneck = True
@@ -204,7 +192,6 @@ def xlnet(c: ml_collections.ConfigDict) -> None:
   c.family = "xlnet"
   c.objectives = "plm:1.0"
   c.model.update(dict(type_vocab_size=0, hidden_act="gelu", layer_norm_eps=1e-12))
-  # Fields the other presets leave at EncoderConfig's defaults (absolute, on, on, off).
   c.model.position_embedding = "relative"
   c.model.relative_segments = True
   c.model.embedding_norm = False

@@ -1,7 +1,9 @@
-"""Pretraining objectives behind one contract, selected by name from the config.
+"""Objectives behind one contract (objectives/base.py), selected by name from the config.
 
 `config.objectives = "mlm:1.0,nsp:1.0"` picks objectives and their loss weights; each
-objective reads its own config section (`config.mlm`, ...).
+objective reads its own config section (`config.mlm`, ...), whose schema is its `Config`
+dataclass. `compose` checks a combination once, when the config is built: it is either
+valid (each objective's loss is what it gives alone on the same key) or refused, saying why.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from objectives.base import EXAMPLE_KINDS, Objective, SpecialIds
+import jax
+
+from objectives.base import (CLEAN, SINGLE, Batch, ExampleKind, Objective, SpecialIds,
+                             View, fold_name, section_defaults, section_from)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -34,6 +39,13 @@ def get(name: str) -> type[Objective]:
   return _REGISTRY[name]
 
 
+def config_sections() -> dict[str, dict[str, tuple[Any, type, bool]]]:
+  """{objective: {field: (default, type, optional)}} for every registered objective with a
+  config section: what configs/pretrain.py turns into `config.<name>`."""
+  return {name: section_defaults(cls.Config) for name, cls in
+          ((n, get(n)) for n in available()) if cls.Config is not None}
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightedObjective:
   objective: Objective
@@ -52,6 +64,9 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
     except ValueError:
       raise ValueError(f"objectives: bad weight {weight!r} in {spec!r} "
                        "(expected e.g. 'mlm:1.0,nsp:1.0')") from None
+    if not w > 0:  # a negative weight would train the model to raise that loss
+      raise ValueError(f"objectives: the weight of {name.strip()!r} must be positive, got "
+                       f"{weight!r} in {spec!r}")
     out.append((name.strip(), w))
   if not out:
     raise ValueError(f"objectives: no objective in {spec!r}; available: {available()}")
@@ -61,24 +76,96 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
   return out
 
 
-def build(config: Any, special: SpecialIds) -> tuple[WeightedObjective, ...]:
-  """The weighted objectives a config selects, checked for compatibility."""
-  chosen = tuple(WeightedObjective(get(n).from_config(config, special), w)
-                 for n, w in parse_spec(config.objectives))
-  example_kind(chosen)
-  return chosen
+@dataclasses.dataclass(frozen=True)
+class Composition:
+  """The weighted objectives of a run and the distinct encoder inputs (views) they read.
+
+  The corrupted batch is {"clean": the batch as loaded, "views": (one dict per view),
+  "own": {objective: its corrupt() outputs}}; `inputs` gives one objective the clean batch
+  overlaid with its view's outputs and then its own.
+  """
+
+  objectives: tuple[WeightedObjective, ...]
+  views: tuple[View, ...]
+
+  def __iter__(self):
+    return iter(self.objectives)
+
+  def __len__(self):
+    return len(self.objectives)
+
+  @property
+  def example_kind(self) -> ExampleKind:
+    kinds = {w.objective.example_kind for w in self.objectives} - {SINGLE}
+    return kinds.pop() if kinds else SINGLE
+
+  def view_index(self, objective: Objective) -> int | None:
+    """Index into `views` of the objective's view; None for the clean input."""
+    v = objective.view()
+    return None if v is CLEAN else self.views.index(v)
+
+  def passes(self) -> tuple[int | None, ...]:
+    """The encoder passes the model makes: view indices (None: the clean input), each
+    once, for the objectives that do not run the encoder themselves."""
+    out: list[int | None] = []
+    for w in self.objectives:
+      i = self.view_index(w.objective)
+      if not w.objective.runs_encoder and i not in out:
+        out.append(i)
+    return tuple(out)
+
+  def corrupt(self, clean: Batch, key: jax.Array) -> dict[str, Any]:
+    return {"clean": clean,
+            "views": tuple(v.make(clean, fold_name(key, "view/" + v.name)) for v in self.views),
+            "own": {w.objective.name: w.objective.corrupt(clean, fold_name(key, w.objective.name))
+                    for w in self.objectives}}
+
+  def inputs(self, batch: dict[str, Any], objective: Objective) -> Batch:
+    i = self.view_index(objective)
+    view = batch["views"][i] if i is not None else {}
+    return {**batch["clean"], "original_ids": batch["clean"]["input_ids"], **view,
+            **batch["own"].get(objective.name, {})}
+
+  def param_groups(self) -> dict[str, str]:
+    """{top-level parameter subtree: the objective that owns it}."""
+    return {g: w.objective.name for w in self.objectives for g in w.objective.param_groups()}
 
 
-def example_kind(chosen: tuple[WeightedObjective, ...]) -> str:
-  """The one kind of example the selected objectives need together."""
-  kinds = {w.objective.example_kind for w in chosen} - {"single"}
+def compose(weighted: tuple[WeightedObjective, ...]) -> Composition:
+  """Checks that the objectives can run together and collects their distinct views."""
+  kinds = {w.objective.example_kind for w in weighted} - {SINGLE}
   if len(kinds) > 1:
-    names = [w.objective.name for w in chosen if w.objective.example_kind != "single"]
-    raise ValueError(f"objectives {names} need different sentence-pair examples "
-                     f"({sorted(kinds)}); choose one sentence-level objective")
-  kind = kinds.pop() if kinds else "single"
-  assert kind in EXAMPLE_KINDS, kind
-  return kind
+    names = [w.objective.name for w in weighted if w.objective.example_kind != SINGLE]
+    raise ValueError(f"objectives {names} need different kinds of examples "
+                     f"({sorted(k.name for k in kinds)}): one batch holds one kind; choose "
+                     "one of them")
+  owner: dict[str, str] = {}
+  for w in weighted:
+    for group in w.objective.param_groups():
+      if group == "encoder":
+        raise ValueError(f"objective {w.objective.name!r} claims params['encoder'], the "
+                         "shared encoder's")
+      if group in owner:
+        raise ValueError(f"objectives {owner[group]!r} and {w.objective.name!r} both train "
+                         f"params[{group!r}]; they cannot run together (drop one)")
+      owner[group] = w.objective.name
+  views: list[View] = []
+  for w in weighted:
+    v = w.objective.view()
+    if v is not CLEAN and v not in views:
+      views.append(v)
+  return Composition(tuple(weighted), tuple(views))
+
+
+def build(config: Any, special: SpecialIds) -> Composition:
+  """The weighted objectives a config selects, checked for compatibility."""
+  return compose(tuple(WeightedObjective(get(n).from_config(config, special), w)
+                       for n, w in parse_spec(config.objectives)))
+
+
+def example_kind(chosen: Composition) -> ExampleKind:
+  """The one kind of example the selected objectives need together."""
+  return chosen.example_kind
 
 
 def _import_builtin() -> None:
@@ -91,5 +178,13 @@ def _import_builtin() -> None:
 _BUILTIN = ("objectives.mlm", "objectives.nsp", "objectives.sop", "objectives.rtd",
             "objectives.plm", "objectives.distill")
 
-__all__ = ["Objective", "SpecialIds", "WeightedObjective", "available", "build",
-           "example_kind", "get", "parse_spec", "register"]
+__all__ = ["CLEAN", "SINGLE", "Composition", "ExampleKind", "Objective", "SpecialIds",
+           "View", "WeightedObjective", "available", "build", "compose", "config_sections",
+           "corrupt_one", "example_kind", "get", "parse_spec", "register", "section_from"]
+
+
+def corrupt_one(objective: Objective, clean: Batch, key: jax.Array):
+  """(the model's corrupted batch, the objective's inputs) for one objective alone."""
+  comp = compose((WeightedObjective(objective, 1.0),))
+  batch = comp.corrupt(clean, key)
+  return batch, comp.inputs(batch, objective)

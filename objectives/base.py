@@ -1,15 +1,35 @@
-"""The objective contract (DESIGN.md): what every pretraining objective declares.
+"""The objective contract (DESIGN.md, docs/architecture.md): what every objective declares.
 
-An objective is a frozen (hashable) dataclass built from the run's config. It says which
-examples it needs, corrupts a batch on device (pure, jittable, randomness only from the
-key it is given), provides its head as a Flax module on top of the shared encoder, and
-turns the head's outputs into a scalar loss plus metrics as (sum, count) pairs.
+An objective is a frozen (hashable) dataclass built from the run's config. In its own file
+it declares:
+
+  * `Config`: a frozen dataclass whose fields are the schema of `config.<name>`, with the
+    paper's recipe as defaults (presets change values, never the schema);
+  * `example_kind`: the host-side examples it needs (`ExampleKind`);
+  * `view()`: the encoder input it reads: `CLEAN` (the clean batch) or a `View` (a
+    corruption such as MLM's masked ids, made once for every objective that declares an
+    equal view, and encoded once for all of them);
+  * `runs_encoder`: True when its head runs the shared encoder itself on inputs it makes
+    (ELECTRA's sampled ids, PLM's two streams, a layer-wise student with a gradient cut):
+    then no shared pass is made for it;
+  * `corrupt(clean, key)`: pure and jittable; reads the clean batch, returns only its own
+    outputs (they are stored under its name, never over another's keys or the clean ones);
+  * `head(...)` and `loss(...)`;
+  * its facts: `param_groups()` (the top-level parameter subtrees it owns: they must not
+    overlap another objective's, and export reads them), `pooler_path()` (where a pooler
+    for fine-tuning lives, if it trains one), `frozen_paths()`, `initialize()`.
+
+Keys: each view and each objective folds the step's key with its own name, so what an
+objective sees does not depend on which other objectives run beside it.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import types
+import typing
+import zlib
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -18,8 +38,28 @@ import jax
 Batch = dict[str, jax.Array]
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
-# What the host-side example builder must produce for an objective.
-EXAMPLE_KINDS = ("single", "nsp", "sop")
+
+@dataclasses.dataclass(frozen=True)
+class ExampleKind:
+  """The host-side examples an objective needs (bert_jax/data/examples.py builds them).
+
+  name: the cache key and the name in logs; segments: 1 = packed single segments (full
+  sentences), 2 = a segment pair with a `sentence_label`; negative (pairs): how label 1 is
+  made: "random_document" (NSP: B from another document) or "swap" (SOP: A and B swapped).
+  """
+
+  name: str
+  segments: int = 1
+  negative: str = ""
+
+  def __post_init__(self):
+    if self.segments not in (1, 2):
+      raise ValueError(f"ExampleKind {self.name!r}: segments must be 1 or 2")
+    if (self.segments == 2) != bool(self.negative):
+      raise ValueError(f"ExampleKind {self.name!r}: pairs need a negative, singles none")
+
+
+SINGLE = ExampleKind("single")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,37 +75,84 @@ class SpecialIds:
   vocab_size: int  # the tokenizer's vocabulary (the model's table may be padded beyond it)
 
 
+class View(abc.ABC):
+  """An encoder input made from the clean batch. Subclasses are frozen dataclasses: equal
+  views are made once, with the key folded by `name`, and encoded once."""
+
+  name: ClassVar[str]
+
+  @abc.abstractmethod
+  def make(self, clean: Batch, key: jax.Array) -> Batch:
+    """Pure, jittable: a dict with the encoder's "input_ids" (and the view's targets)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Marker:
+  name: str
+
+  def __repr__(self):
+    return self.name
+
+
+CLEAN = _Marker("CLEAN")  # the head reads the encoder's pass over the clean batch
+
+
+def fold_name(key: jax.Array, name: str) -> jax.Array:
+  """A key of its own for `name` (an objective or a view), the same in every combination."""
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective(abc.ABC):
   """Base class; subclasses are registered with `objectives.register`."""
 
   name: ClassVar[str]
-  example_kind: ClassVar[str] = "single"
-  # False when the objective runs the encoder itself (ELECTRA's discriminator input, PLM's
-  # two streams) so the model can skip the shared forward pass it would not use.
-  uses_shared_forward: ClassVar[bool] = True
+  Config: ClassVar[type | None] = None  # the schema of config.<name>; None: no section
+  example_kind: ClassVar[ExampleKind] = SINGLE
+  runs_encoder: ClassVar[bool] = False
 
   @classmethod
   @abc.abstractmethod
   def from_config(cls, config: Any, special: SpecialIds) -> "Objective":
-    """Build from the full run config (its section named after the objective)."""
+    """Build from the full run config (its own section: `cls.section(config)`)."""
 
-  def corrupt(self, batch: Batch, key: jax.Array) -> Batch:
-    """(batch, key) -> batch with this objective's inputs and targets. Default: unchanged."""
-    del key
-    return batch
+  @classmethod
+  def section(cls, config: Any) -> Any:
+    """config.<name> as the typed, validated `Config` dataclass."""
+    return section_from(cls.Config, config[cls.name], cls.name)
+
+  def view(self) -> View | _Marker:
+    """CLEAN or a View: the input whose pass `head` receives (and whose outputs `inputs`
+    holds)."""
+    return CLEAN
+
+  def corrupt(self, clean: Batch, key: jax.Array) -> Batch:
+    """(clean batch, key) -> this objective's own inputs and targets. Default: none."""
+    del clean, key
+    return {}
 
   @abc.abstractmethod
   def head(self, encoder_config: Any, name: str) -> nn.Module:
-    """A Flax module called as head(encoded, batch, encoder, deterministic=...) -> outputs.
+    """A Flax module called as head(encoded, inputs, encoder, deterministic=...) -> outputs.
 
-    `encoded` is the shared forward pass's output dict (None when no objective uses it);
-    `encoder` is the shared, bound Encoder, for tied embeddings or extra passes.
+    `encoded`: the encoder's output dict over this objective's view (None when it
+    `runs_encoder`);
+    `inputs`: the clean batch, overlaid with the view's outputs and then its own
+    (`original_ids` always holds the clean ids); `encoder`: the shared, bound Encoder.
     """
 
   @abc.abstractmethod
-  def loss(self, outputs: Any, batch: Batch) -> tuple[jax.Array, Metrics]:
-    """(head outputs, batch) -> (scalar loss, metrics as (sum, count))."""
+  def loss(self, outputs: Any, inputs: Batch) -> tuple[jax.Array, Metrics]:
+    """(head outputs, inputs) -> (scalar loss, metrics as (sum, count))."""
+
+  def param_groups(self) -> tuple[str, ...]:
+    """Top-level parameter subtrees this objective owns (default: its name)."""
+    return (self.name,)
+
+  def pooler_path(self) -> tuple[str, ...] | None:
+    """Where a pooler (dense + tanh on [CLS]) that fine-tuning can start from lives in
+    the parameters, if this objective trains one."""
+    return None
 
   def frozen_paths(self) -> tuple[tuple[str, ...], ...]:
     """Parameter subtrees the optimizer never updates and keeps no state for (a teacher).
@@ -79,3 +166,37 @@ class Objective(abc.ABC):
     """Host-side edit of freshly initialised parameters (load a teacher, copy layers into
     the student). Called once per run, never on resume. Default: unchanged."""
     return params
+
+
+# ----------------------------------------------------------------------------- config sections
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+  """(the type, whether None is allowed) of a field annotation such as `int | None`."""
+  if isinstance(tp, (types.UnionType,)) or typing.get_origin(tp) is typing.Union:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0], True
+  return tp, False
+
+
+def section_defaults(config_cls: type) -> dict[str, Any]:
+  """{field: (default, type, optional)} of a Config dataclass, annotations resolved."""
+  hints = typing.get_type_hints(config_cls)
+  out = {}
+  for f in dataclasses.fields(config_cls):
+    tp, optional = _base_type(hints[f.name])
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    out[f.name] = (default, tp, optional)
+  return out
+
+
+def section_from(config_cls: type | None, section: Any, name: str) -> Any:
+  """A ConfigDict section -> the Config dataclass, with a clear error for unknown fields."""
+  if config_cls is None:
+    return None
+  values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+  fields = {f.name for f in dataclasses.fields(config_cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"{name}: unknown fields {unknown}; valid: {sorted(fields)}")
+  return config_cls(**values)

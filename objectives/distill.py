@@ -38,7 +38,7 @@ import numpy as np
 
 import objectives
 from bert_jax import heads
-from bert_jax.encoder import DTYPES, Encoder, EncoderConfig, attention_mask_from_padding
+from bert_jax.encoder import DTYPES, Encoder, EncoderConfig
 from objectives.base import Objective, SpecialIds
 from objectives.mlm import MaskedLM, MLMHeadOnPositions, mask_padded_vocab, masked_lm_loss
 
@@ -173,27 +173,10 @@ class DistillModule(nn.Module):
 def student_pass(encoder: Encoder, batch, *, deterministic: bool, cut) -> dict[str, Any]:
   """The student's forward pass with every layer's states and attention maps, the input of
   layer `cut` (a traced int; -1: none) under stop_gradient: progressive transfer trains
-  one layer while the embeddings and the layers below get no gradient. Runs the shared
-  encoder's own modules in the order Encoder.__call__ runs them."""
-  cfg = encoder.cfg
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  seg = batch.get("segment_ids")
-  seg = jnp.zeros_like(ids) if seg is None else seg
-  x = encoder.embeddings(ids, seg, encoder.embeddings.position_ids(mask),
-                         deterministic=deterministic).astype(DTYPES[cfg.dtype])
-  x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-  keys = attention_mask_from_padding(mask)
-  hidden, attentions = [x], []
-  for i in range(cfg.num_layers):
-    x = jnp.where(cut == i, jax.lax.stop_gradient(x), x)
-    x, _, probs = encoder.layer_module(i)(x, keys, deterministic, None, None, True)
-    hidden.append(x)
-    attentions.append(probs)
-  if cfg.pre_layer_norm:
-    x = encoder.final_norm(x)
-    hidden[-1] = x
-  return {"hidden_states": x, "all_hidden_states": tuple(hidden),
-          "attentions": tuple(attentions)}
+  one layer while the embeddings and the layers below get no gradient."""
+  return encoder(batch["input_ids"], batch.get("segment_ids"), batch["attention_mask"],
+                 deterministic=deterministic, output_hidden_states=True,
+                 output_attentions=True, stop_gradient_layer=cut)
 
 
 # ----------------------------------------------------------------------------- init
@@ -320,10 +303,41 @@ def student_from_teacher(student_encoder, student_mlm, teacher_encoder, teacher_
 # ----------------------------------------------------------------------------- objective
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """config.distill: DistilBERT's recipe (5 * KL at T=2 + 2 * MLM + 1 * cosine); mode
+  "layerwise" adds MobileBERT's per-layer feature-map MSE and attention KL, scheduled
+  progressive | all_at_once | auxiliary over stage_steps per layer. student_layers: the
+  teacher layers copied into the student ("0,2,4,7,9,11"; "": every second)."""
+
+  teacher: str = ""  # the teacher's workdir (ours, or imported by launch/import_hf.py)
+  teacher_step: int = -1  # -1: its latest checkpoint
+  mode: str = "distilbert"
+  temperature: float = 2.0
+  alpha_ce: float = 5.0
+  alpha_mlm: float = 2.0
+  alpha_cos: float = 1.0
+  alpha_hidden: float = 1.0
+  alpha_attention: float = 1.0
+  schedule: str = "progressive"
+  stage_steps: int = 1  # presets: max(1, train.steps // 20)
+  init_student: bool = True
+  student_layers: str = ""
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"distill.mode: {self.mode!r} is not one of {MODES}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"distill.schedule: {self.schedule!r} is not one of {SCHEDULES}")
+    if self.temperature <= 0:
+      raise ValueError(f"distill.temperature must be positive, got {self.temperature}")
+
+
 @objectives.register
 @dataclasses.dataclass(frozen=True)
 class Distill(Objective):
   name = "distill"
+  Config = DistillConfig
 
   mlm: MaskedLM  # masking and the student's MLM loss
   teacher: str  # the teacher's workdir
@@ -347,30 +361,26 @@ class Distill(Objective):
     return self.mode == "layerwise"
 
   @property
-  def uses_shared_forward(self) -> bool:  # layer-wise runs the student itself
-    return not self.layerwise
+  def runs_encoder(self) -> bool:  # layer-wise runs the student itself (with a gradient cut)
+    return self.layerwise
 
   @property
   def project(self) -> bool:
     return self.student_cfg.hidden_size != self.teacher_cfg.hidden_size
 
+  def view(self):
+    return self.mlm.masked  # the student and the teacher read config.mlm's masked input
+
+  def param_groups(self):
+    return (self.name, "mlm")  # the student's MLM head sits where plain MLM's does
+
   @classmethod
   def from_config(cls, config, special: SpecialIds):
-    c = config.distill
+    c = cls.section(config)
     if not c.teacher:
       raise ValueError("distill.teacher: give the teacher's workdir (one of our runs, or a "
                        "Hugging Face checkpoint imported by launch/import_hf.py), e.g. "
                        "--config.distill.teacher=runs/bert_base")
-    names = [n.strip().partition(":")[0] for n in config.objectives.split(",")]
-    if "mlm" in names:
-      raise ValueError("objectives: 'distill' already trains the student's MLM head (weight "
-                       "distill.alpha_mlm); drop 'mlm' from the objectives")
-    if c.mode not in MODES:
-      raise ValueError(f"distill.mode: {c.mode!r} is not one of {MODES}")
-    if c.schedule not in SCHEDULES:
-      raise ValueError(f"distill.schedule: {c.schedule!r} is not one of {SCHEDULES}")
-    if c.temperature <= 0:
-      raise ValueError(f"distill.temperature must be positive, got {c.temperature}")
     student = EncoderConfig.from_dict(config.model)
     teacher = teacher_config(c.teacher, student)
     if not config.data.get("tokenizer"):
@@ -408,9 +418,6 @@ class Distill(Objective):
         alpha_hidden=float(c.alpha_hidden), alpha_attention=float(c.alpha_attention),
         schedule=c.schedule, stage_steps=max(int(c.stage_steps), 1),
         init_student=bool(c.init_student), student_layers=layers)
-
-  def corrupt(self, batch, key):
-    return self.mlm.corrupt(batch, key)
 
   def frozen_paths(self):
     return (TEACHER,)

@@ -1,9 +1,8 @@
 """Masked language modelling (BERT, RoBERTa; ALBERT n-grams; SpanBERT spans).
 
-Corruption is `objectives.masking` (80/10/10 by default). Dynamic masking (RoBERTa, the
-default) draws a fresh mask from the step's key; static masking (BERT's offline
-`dupe_factor` copies) derives the key from the example's id and its epoch modulo
-dupe_factor, so an example sees at most dupe_factor different masks.
+Corruption is `objectives.masking` (80/10/10 by default), made as the `MaskedView`: every
+objective that reads the masked input (NSP, SOP and distillation too, as in BERT) declares
+an equal view, so it is masked and encoded once. Parameters: params["mlm"]["head"].
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 
 import objectives
 from bert_jax import heads
-from objectives.base import Objective, SpecialIds
+from objectives.base import Objective, SpecialIds, View
 from objectives.masking import MaskingConfig, mask_batch
 
 
@@ -59,29 +58,54 @@ class MLMHeadOnPositions(nn.Module):
     return head(heads.gather_positions(hidden, batch["mlm_positions"]), encoder)
 
 
-@objectives.register
 @dataclasses.dataclass(frozen=True)
-class MaskedLM(Objective):
-  name = "mlm"
+class MLMConfig:
+  """config.mlm: BERT's recipe (15%, 80/10/10, at most max_predictions per sequence)."""
+
+  rate: float = 0.15
+  max_predictions: int = 20  # presets: max(20, round(0.15 * seq_len + 0.5))
+  mask_prob: float = 0.8
+  random_prob: float = 0.1
+  whole_word: bool = False
+  span: str = "none"  # none | ngram (ALBERT, n <= max_ngram, p(n) ~ 1/n) | geometric (SpanBERT)
+  max_ngram: int = 3
+  span_p: float = 0.2
+  max_span: int = 10
+  static: bool = False  # BERT's offline masks: at most dupe_factor different masks per example
+  dupe_factor: int = 10
+  predict_all: bool = False  # vocabulary logits at every position, then gather (slower)
+
+  def __post_init__(self):
+    if self.dupe_factor < 1:
+      raise ValueError(f"mlm.dupe_factor must be >= 1, got {self.dupe_factor}")
+
+  def masking(self) -> MaskingConfig:
+    return MaskingConfig(
+        rate=self.rate, max_predictions=self.max_predictions, mask_prob=self.mask_prob,
+        random_prob=self.random_prob, whole_word=self.whole_word, span=self.span,
+        max_ngram=self.max_ngram, span_p=self.span_p, max_span=self.max_span)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedView(View):
+  """BERT's masked input: input_ids with the chosen positions corrupted, and the targets
+  mlm_positions / mlm_ids / mlm_weights. Dynamic masking (RoBERTa, the default) draws a
+  fresh mask from the step's key; static masking (BERT's offline dupe_factor copies) keys
+  it by the example's id and its epoch modulo dupe_factor."""
+
+  name = "masked"
 
   masking: MaskingConfig
   special: SpecialIds
   static: bool = False
   dupe_factor: int = 10
   seed: int = 0
-  predict_all: bool = False
 
   @classmethod
-  def from_config(cls, config, special):
-    c = config.mlm
-    masking = MaskingConfig(
-        rate=c.rate, max_predictions=c.max_predictions, mask_prob=c.mask_prob,
-        random_prob=c.random_prob, whole_word=c.whole_word, span=c.span,
-        max_ngram=c.max_ngram, span_p=c.span_p, max_span=c.max_span)
-    if c.dupe_factor < 1:
-      raise ValueError(f"mlm.dupe_factor must be >= 1, got {c.dupe_factor}")
-    return cls(masking=masking, special=special, static=c.static, dupe_factor=c.dupe_factor,
-               seed=config.seed, predict_all=c.predict_all)
+  def from_config(cls, config, special) -> "MaskedView":
+    """The view config.mlm describes (also what NSP, SOP and distillation read)."""
+    c = MaskedLM.section(config)
+    return cls(c.masking(), special, c.static, c.dupe_factor, config.seed)
 
   def example_keys(self, batch, key):
     """One masking key per example."""
@@ -94,19 +118,36 @@ class MaskedLM(Objective):
     # gradient-accumulation split of the batch.
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["example_id"])
 
-  def corrupt(self, batch, key):
-    masked = mask_batch(
-        self.example_keys(batch, key), batch["input_ids"], batch["word_ids"],
-        batch["attention_mask"], self.masking, mask_id=self.special.mask,
+  def make(self, clean, key):
+    return mask_batch(
+        self.example_keys(clean, key), clean["input_ids"], clean["word_ids"],
+        clean["attention_mask"], self.masking, mask_id=self.special.mask,
         first_regular_id=self.special.first_regular, vocab_size=self.special.vocab_size)
-    out = dict(batch)
-    out["original_ids"] = batch["input_ids"]
-    out.update(masked)
-    return out
+
+
+@objectives.register
+@dataclasses.dataclass(frozen=True)
+class MaskedLM(Objective):
+  name = "mlm"
+  Config = MLMConfig
+
+  masked: MaskedView
+  predict_all: bool = False
+
+  @classmethod
+  def from_config(cls, config, special):
+    return cls(MaskedView.from_config(config, special), cls.section(config).predict_all)
+
+  @property
+  def special(self) -> SpecialIds:
+    return self.masked.special
+
+  def view(self):
+    return self.masked
 
   def head(self, encoder_config, name):
     return MLMHeadOnPositions(encoder_config, predict_all=self.predict_all, name=name)
 
-  def loss(self, outputs, batch):
-    return masked_lm_loss(outputs, batch["mlm_ids"], batch["mlm_weights"],
+  def loss(self, outputs, inputs):
+    return masked_lm_loss(outputs, inputs["mlm_ids"], inputs["mlm_weights"],
                           self.special.vocab_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import objectives
+from objectives.base import ExampleKind
 from objectives.pair import SentencePairObjective
 
 
@@ -16,4 +17,4 @@ from objectives.pair import SentencePairObjective
 @dataclasses.dataclass(frozen=True)
 class NextSentencePrediction(SentencePairObjective):
   name = "nsp"
-  example_kind = "nsp"
+  example_kind = ExampleKind("nsp", segments=2, negative="random_document")

@@ -3,6 +3,10 @@
 Head: BERT's pooler (dense + tanh on [CLS]) then dense(2), parameters at
 params[<name>]["pooler"] and params[<name>]["classifier"]. Label 1 means "random next
 segment" (NSP) or "swapped" (SOP); the example builder makes the pairs.
+
+Input: as in BERT and ALBERT, the classifier reads the masked input that MLM reads (the
+`MaskedView` of config.mlm, so beside MLM it is the same pass); `input: clean` reads the
+clean segments instead.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bert_jax import heads
-from objectives.base import Objective
+from objectives.base import CLEAN, Objective, SpecialIds
+from objectives.mlm import MaskedView
 
 
 class PairClassifierHead(nn.Module):
@@ -37,17 +42,41 @@ def pair_loss(logits_Bx2, labels_B):
                         "accuracy": heads.metric(correct, n)}
 
 
+INPUTS = ("masked", "clean")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+  """config.nsp / config.sop."""
+
+  input: str = "masked"  # masked: the MLM-masked segments (BERT, ALBERT) | clean
+
+  def __post_init__(self):
+    if self.input not in INPUTS:
+      raise ValueError(f"input: {self.input!r} is not one of {INPUTS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SentencePairObjective(Objective):
-  """Subclasses set `name` and `example_kind` ("nsp" or "sop")."""
+  """Subclasses set `name` and `example_kind` (a pair ExampleKind)."""
+
+  Config = PairConfig
+
+  masked: MaskedView | None = None  # None: the clean input
 
   @classmethod
-  def from_config(cls, config, special):
-    del config, special
-    return cls()
+  def from_config(cls, config, special: SpecialIds):
+    c = cls.section(config)
+    return cls(MaskedView.from_config(config, special) if c.input == "masked" else None)
+
+  def view(self):
+    return self.masked if self.masked is not None else CLEAN
 
   def head(self, encoder_config, name):
     return PairClassifierHead(encoder_config, name=name)
 
-  def loss(self, outputs, batch):
-    return pair_loss(outputs, batch["sentence_label"])
+  def loss(self, outputs, inputs):
+    return pair_loss(outputs, inputs["sentence_label"])
+
+  def pooler_path(self):
+    return (self.name, "pooler")

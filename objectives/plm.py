@@ -122,11 +122,27 @@ class PLMModule(nn.Module):
     return encoder.attend(q).astype(jnp.float32) + bias.astype(jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class PLMConfig:
+  """config.plm: XLNet's recipe (predict 1/6 of the tokens, spans of n <= 5, p(n) ~ 1/n)."""
+
+  partial_k: float = 6
+  max_predictions: int = 22  # presets: max(20, round(seq_len / 6 + 0.5))
+  max_span: int = 5
+  whole_word: bool = False
+  head_transform: bool = True  # BERT's MLM head on the query stream; False: XLNet's
+
+  def __post_init__(self):
+    if not self.partial_k >= 1:
+      raise ValueError(f"plm.partial_k must be >= 1 (predict 1/K of the tokens), got "
+                       f"{self.partial_k}")
+
+
 @objectives.register
 @dataclasses.dataclass(frozen=True)
 class PermutationLM(Objective):
   name = "plm"
-  uses_shared_forward = False
+  Config = PLMConfig
 
   masking: MaskingConfig
   special: SpecialIds
@@ -134,25 +150,24 @@ class PermutationLM(Objective):
 
   @classmethod
   def from_config(cls, config, special):
-    c = config.plm
-    if not c.partial_k >= 1:
-      raise ValueError(f"plm.partial_k must be >= 1 (predict 1/K of the tokens), got "
-                       f"{c.partial_k}")
+    c = cls.section(config)
     masking = MaskingConfig(rate=1.0 / c.partial_k, max_predictions=c.max_predictions,
                             mask_prob=0.0, random_prob=0.0, whole_word=c.whole_word,
                             span="ngram", max_ngram=c.max_span)
     return cls(masking=masking, special=special, head_transform=c.head_transform)
 
-  def corrupt(self, batch, key):
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["example_id"])
-    out = dict(batch)
-    out.update(jax.vmap(sample_permutation, in_axes=(0, 0, 0, 0, None))(
-        keys, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["word_ids"]),
-        jnp.asarray(batch["attention_mask"]), self.masking))
-    return out
+  runs_encoder = True  # two streams over the clean ids
+
+  def corrupt(self, clean, key):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(clean["example_id"])
+    return jax.vmap(sample_permutation, in_axes=(0, 0, 0, 0, None))(
+        keys, jnp.asarray(clean["input_ids"]), jnp.asarray(clean["word_ids"]),
+        jnp.asarray(clean["attention_mask"]), self.masking)
 
   def head(self, encoder_config, name):
     return PLMModule(encoder_config, self.head_transform, name=name)
 
-  def loss(self, outputs: Any, batch):
-    return masked_lm_loss(outputs, batch["plm_ids"], batch["plm_weights"])
+  def loss(self, outputs: Any, inputs):
+    # The tokenizer's vocabulary: rows the table is padded by stay out of the softmax.
+    return masked_lm_loss(outputs, inputs["plm_ids"], inputs["plm_weights"],
+                          self.special.vocab_size)

@@ -120,11 +120,33 @@ def detection_auc(logits_BxL, y_BxL, w_BxL):
   return heads.metric(u, positives * negatives)
 
 
+@dataclasses.dataclass(frozen=True)
+class RTDConfig:
+  """config.rtd: ELECTRA's recipe (15% masked, 85% [MASK] / 15% kept, a 1/4 generator,
+  loss gen_weight * MLM + disc_weight * discriminator)."""
+
+  rate: float = 0.15
+  max_predictions: int = 20  # presets: config.mlm.max_predictions
+  mask_prob: float = 0.85
+  random_prob: float = 0.0
+  generator_size: float = 0.25
+  generator_layers: int = 0  # 0: the discriminator's depth
+  temperature: float = 1.0
+  gen_weight: float = 1.0
+  disc_weight: float = 50.0
+
+  def __post_init__(self):
+    if self.temperature <= 0:
+      raise ValueError(f"rtd.temperature must be positive, got {self.temperature}")
+    if not 0 < self.generator_size <= 1:
+      raise ValueError(f"rtd.generator_size must be in (0, 1], got {self.generator_size}")
+
+
 @objectives.register
 @dataclasses.dataclass(frozen=True)
 class ReplacedTokenDetection(Objective):
   name = "rtd"
-  uses_shared_forward = False
+  Config = RTDConfig
 
   masking: MaskingConfig
   special: SpecialIds
@@ -136,36 +158,37 @@ class ReplacedTokenDetection(Objective):
 
   @classmethod
   def from_config(cls, config, special):
-    c = config.rtd
+    c = cls.section(config)
     masking = MaskingConfig(rate=c.rate, max_predictions=c.max_predictions,
                             mask_prob=c.mask_prob, random_prob=c.random_prob)
-    if c.temperature <= 0:
-      raise ValueError(f"rtd.temperature must be positive, got {c.temperature}")
     return cls(masking=masking, special=special, generator_size=c.generator_size,
                generator_layers=c.generator_layers or None, temperature=c.temperature,
                gen_weight=c.gen_weight, disc_weight=c.disc_weight)
 
-  def corrupt(self, batch, key):
+  runs_encoder = True  # the generator reads its masked ids, the encoder its samples
+
+  def generator(self, encoder_config: EncoderConfig) -> EncoderConfig:
+    return generator_config(encoder_config, self.generator_size, self.generator_layers)
+
+  def corrupt(self, clean, key):
     mask_key, sample_key = jax.random.split(key)
-    per_example = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(batch["example_id"])  # noqa: E731
-    masked = mask_batch(per_example(mask_key), batch["input_ids"], batch["word_ids"],
-                        batch["attention_mask"], self.masking, mask_id=self.special.mask,
-                        first_regular_id=self.special.first_regular,
-                        vocab_size=self.special.vocab_size)
-    out = dict(batch, original_ids=batch["input_ids"])
-    out.update(masked)
+    per_example = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(clean["example_id"])  # noqa: E731
+    out = mask_batch(per_example(mask_key), clean["input_ids"], clean["word_ids"],
+                     clean["attention_mask"], self.masking, mask_id=self.special.mask,
+                     first_regular_id=self.special.first_regular,
+                     vocab_size=self.special.vocab_size)
     out["rtd_sample_keys"] = jax.vmap(jax.random.key_data)(per_example(sample_key))
     return out
 
   def head(self, encoder_config, name):
-    gen = generator_config(encoder_config, self.generator_size, self.generator_layers)
-    return RTDModule(encoder_config, gen, self.temperature, self.special.vocab_size, name=name)
+    return RTDModule(encoder_config, self.generator(encoder_config), self.temperature,
+                     self.special.vocab_size, name=name)
 
-  def loss(self, outputs, batch):
-    gen_loss, gen_metrics = masked_lm_loss(outputs["generator_logits"], batch["mlm_ids"],
-                                           batch["mlm_weights"], self.special.vocab_size)
+  def loss(self, outputs, inputs):
+    gen_loss, gen_metrics = masked_lm_loss(outputs["generator_logits"], inputs["mlm_ids"],
+                                           inputs["mlm_weights"], self.special.vocab_size)
     disc_loss, metrics = discriminator_loss(outputs["discriminator_logits"], outputs["labels"],
-                                            batch["attention_mask"])
+                                            inputs["attention_mask"])
     metrics["gen_loss"] = gen_metrics["loss"]
     metrics["gen_accuracy"] = gen_metrics["accuracy"]
     return self.gen_weight * gen_loss + self.disc_weight * disc_loss, metrics

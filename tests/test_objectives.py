@@ -26,7 +26,7 @@ def test_registry_and_spec_parsing():
 
 def test_two_sentence_level_objectives_are_refused():
   c = tiny_config("unused", objectives="mlm:1.0,nsp:1.0,sop:1.0")
-  with pytest.raises(ValueError, match="choose one sentence-level objective"):
+  with pytest.raises(ValueError, match="need different kinds of examples"):
     objectives.build(c, SPECIAL)
 
 
