@@ -17,6 +17,7 @@ from bert_jax.data import examples as examples_lib
 from bert_jax.data import pipeline
 from bert_jax.data import sources
 from bert_jax.data import tokenizer as tokenizer_lib
+import objectives
 
 SEQ_LEN = 32
 
@@ -427,7 +428,8 @@ def test_small_corpus_errors(tmp_path, tok, text_corpus, train_ds):
         pipeline.build_dataset(cfg, tok, "train", seed=0, workdir=tmp_path, global_batch_size=64)
     cfg.text_format = "plain"
     with pytest.raises(ValueError, match="no document boundaries"):
-        pipeline.build_dataset(cfg, tok, "train", seed=0, example_kind="sop", workdir=tmp_path)
+        pipeline.build_dataset(cfg, tok, "train", seed=0,
+                               example_kind=objectives.get("sop").example_kind, workdir=tmp_path)
 
 
 def test_eval_batches(train_ds, caplog):
@@ -447,7 +449,8 @@ def test_eval_batches(train_ds, caplog):
 
 def test_pair_dataset_from_text(tmp_path, tok, text_corpus):
     cfg = make_data_cfg(source="text", train_files=str(text_corpus / "train_*"), seq_len=64)
-    ds = pipeline.build_dataset(cfg, tok, "train", seed=0, example_kind="nsp", workdir=tmp_path)
+    ds = pipeline.build_dataset(cfg, tok, "train", seed=0,
+                                example_kind=objectives.get("nsp").example_kind, workdir=tmp_path)
     ex = ds[0]
     assert ex["sentence_label"].dtype == np.int32 and ex["input_ids"].shape == (64,)
     assert (ex["input_ids"] == tok.sep_id).sum() == 2

@@ -8,6 +8,11 @@ import pytest
 
 from bert_jax.data import corpus as corpus_lib
 from bert_jax.data import examples as examples_lib
+from objectives.base import ExampleKind
+from objectives.nsp import NextSentencePrediction
+from objectives.sop import SentenceOrderPrediction
+
+NSP, SOP = NextSentencePrediction.example_kind, SentenceOrderPrediction.example_kind
 
 SEQ_LEN = 64
 MAX_TOKENS = SEQ_LEN - 3
@@ -71,13 +76,13 @@ def all_examples(corpus, plan):
 
 @pytest.fixture(scope="module")
 def nsp(corpus):
-    plan = examples_lib.plan_pairs(corpus, SEQ_LEN, "nsp", short_seq_prob=0.1, seed=0)
+    plan = examples_lib.plan_pairs(corpus, SEQ_LEN, NSP, short_seq_prob=0.1, seed=0)
     return plan, all_examples(corpus, plan)
 
 
 @pytest.fixture(scope="module")
 def sop(corpus):
-    plan = examples_lib.plan_pairs(corpus, SEQ_LEN, "sop", short_seq_prob=0.1, seed=0)
+    plan = examples_lib.plan_pairs(corpus, SEQ_LEN, SOP, short_seq_prob=0.1, seed=0)
     return plan, all_examples(corpus, plan)
 
 
@@ -125,7 +130,7 @@ def test_nsp_random_b_starts_at_sentence(corpus, nsp):
 def test_nsp_puts_unused_sentences_back(corpus):
     """After a random B the chunk's unused sentences go back: the next example starts
     right after A. After a true B it starts right after B."""
-    plan = examples_lib.plan_pairs(corpus, SEQ_LEN, "nsp", short_seq_prob=0.0, seed=1)
+    plan = examples_lib.plan_pairs(corpus, SEQ_LEN, NSP, short_seq_prob=0.0, seed=1)
     starts = set(corpus.sent_offsets.tolist())
     doc_a = doc_of_token(corpus, plan.a_spans[:, 0])
     checked = {0: [], 1: []}
@@ -187,9 +192,9 @@ def test_sop_negative_is_positive_swapped(corpus, sop):
 
 
 def test_lengths_and_short_seq_prob(corpus):
-    full = examples_lib.plan_pairs(corpus, SEQ_LEN, "nsp", short_seq_prob=0.0, seed=0)
+    full = examples_lib.plan_pairs(corpus, SEQ_LEN, NSP, short_seq_prob=0.0, seed=0)
     assert (full.target_lengths == MAX_TOKENS).all()
-    short = examples_lib.plan_pairs(corpus, SEQ_LEN, "nsp", short_seq_prob=0.3, seed=0)
+    short = examples_lib.plan_pairs(corpus, SEQ_LEN, NSP, short_seq_prob=0.3, seed=0)
     frac = (short.target_lengths < MAX_TOKENS).mean()
     assert abs(frac - 0.3 * (1 - 1 / (MAX_TOKENS - 1))) < 0.03
     assert short.target_lengths.min() >= 2
@@ -205,13 +210,13 @@ def test_lengths_and_short_seq_prob(corpus):
 
 
 def test_deterministic_and_dupe_factor(corpus):
-    a = examples_lib.plan_pairs(corpus, SEQ_LEN, "sop", seed=7)
-    b = examples_lib.plan_pairs(corpus, SEQ_LEN, "sop", seed=7)
-    c = examples_lib.plan_pairs(corpus, SEQ_LEN, "sop", seed=8)
+    a = examples_lib.plan_pairs(corpus, SEQ_LEN, SOP, seed=7)
+    b = examples_lib.plan_pairs(corpus, SEQ_LEN, SOP, seed=7)
+    c = examples_lib.plan_pairs(corpus, SEQ_LEN, SOP, seed=8)
     np.testing.assert_array_equal(a.a_spans, b.a_spans)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert not np.array_equal(a.labels[:100], c.labels[:100])
-    d = examples_lib.plan_pairs(corpus, SEQ_LEN, "sop", seed=7, dupe_factor=2)
+    d = examples_lib.plan_pairs(corpus, SEQ_LEN, SOP, seed=7, dupe_factor=2)
     assert len(d) > len(a)
     np.testing.assert_array_equal(d.a_spans[: len(a)], a.a_spans)
     assert not np.array_equal(d.labels[len(a) : 2 * len(a)], a.labels)
@@ -228,7 +233,7 @@ def test_truncation_is_front_and_back(corpus):
     ws[sent_offsets[:-1]] = True
     doc_offsets = np.concatenate([[0], np.cumsum([len(d) for d in lengths])]).astype(np.int64)
     long = corpus_lib.TokenizedCorpus((np.arange(total) + 5).astype(np.int32), ws, sent_offsets, doc_offsets)
-    plan = examples_lib.plan_pairs(long, SEQ_LEN, "sop", short_seq_prob=0.0, seed=0)
+    plan = examples_lib.plan_pairs(long, SEQ_LEN, SOP, short_seq_prob=0.0, seed=0)
     starts = set(sent_offsets.tolist())
     front = sum(int(s) not in starts for s in plan.a_spans[:, 0]) + sum(int(s) not in starts for s in plan.b_spans[:, 0])
     back = sum(int(e) not in starts for e in plan.a_spans[:, 1]) + sum(int(e) not in starts for e in plan.b_spans[:, 1])
@@ -244,9 +249,9 @@ def test_errors(corpus):
     )
     one_doc.validate()
     with pytest.raises(ValueError, match="at least 2 documents"):
-        examples_lib.plan_pairs(one_doc, SEQ_LEN, "nsp")
-    assert len(examples_lib.plan_pairs(one_doc, SEQ_LEN, "sop")) > 0
+        examples_lib.plan_pairs(one_doc, SEQ_LEN, NSP)
+    assert len(examples_lib.plan_pairs(one_doc, SEQ_LEN, SOP)) > 0
     with pytest.raises(ValueError, match="pair kind"):
-        examples_lib.plan_pairs(corpus, SEQ_LEN, "mlm")
+        examples_lib.plan_pairs(corpus, SEQ_LEN, ExampleKind("single"))
     with pytest.raises(ValueError, match="too short"):
-        examples_lib.plan_pairs(corpus, 4, "sop")
+        examples_lib.plan_pairs(corpus, 4, SOP)

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from bert_jax.data.corpus import TokenizedCorpus
+
+if TYPE_CHECKING:  # the objectives declare the kind; examples only read its fields
+    from objectives.base import ExampleKind
 
 
 class SpecialIds(Protocol):
@@ -53,8 +56,9 @@ class SpecialIds(Protocol):
     def pad_id(self) -> int: ...
 
 PACKINGS: tuple[str, ...] = ("full_sentences", "doc_sentences")
-PAIR_KINDS: tuple[str, ...] = ("nsp", "sop")
-EXAMPLE_KINDS: tuple[str, ...] = ("single",) + PAIR_KINDS
+# How label 1 of a pair is made (`ExampleKind.negative`): B from another document (NSP),
+# or A and B swapped (SOP).
+NEGATIVES: tuple[str, ...] = ("random_document", "swap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +97,7 @@ class PairPlan:
       labels: int32 [N], the ``sentence_label``.
       target_lengths: int32 [N], the target length the example's chunk was built for
         (``seq_len - 3``, or shorter with probability ``short_seq_prob``).
-      kind: "nsp" or "sop".
+      kind: the kind's name (e.g. "nsp", "sop"; what logs and stats call it).
       seq_len: the example length L.
       forced_random: NSP examples given a random B because their chunk was a single
         one-token sentence (nothing to continue).
@@ -229,7 +233,8 @@ def _split_sentence(
 
 
 def _plan_pairs_once(
-    corpus: TokenizedCorpus, seq_len: int, kind: str, short_seq_prob: float, rng: np.random.Generator
+    corpus: TokenizedCorpus, seq_len: int, kind: ExampleKind, short_seq_prob: float,
+    rng: np.random.Generator
 ) -> PairPlan:
     """One pass of :func:`plan_pairs` over the corpus."""
     max_tokens = seq_len - 3
@@ -237,7 +242,7 @@ def _plan_pairs_once(
     doc_offsets = corpus.doc_offsets.tolist()
     num_docs = corpus.num_documents
     word_start = corpus.word_start
-    nsp = kind == "nsp"
+    nsp = kind.negative == "random_document"  # else "swap"
     a_spans: list[list[int]] = []
     b_spans: list[list[int]] = []
     labels: list[int] = []
@@ -314,7 +319,7 @@ def _plan_pairs_once(
         b_spans=np.asarray(b_spans, dtype=np.int64).reshape(-1, 2),
         labels=np.asarray(labels, dtype=np.int32),
         target_lengths=np.asarray(targets, dtype=np.int32),
-        kind=kind,
+        kind=kind.name,
         seq_len=seq_len,
         forced_random=forced,
         split_sentences=split,
@@ -325,7 +330,7 @@ def _plan_pairs_once(
 def plan_pairs(
     corpus: TokenizedCorpus,
     seq_len: int,
-    kind: str,
+    kind: ExampleKind,
     short_seq_prob: float = 0.1,
     seed: int = 0,
     dupe_factor: int = 1,
@@ -367,7 +372,8 @@ def plan_pairs(
     Args:
       corpus: the tokenized corpus; its documents must be real documents.
       seq_len: example length L (3 specials included).
-      kind: "nsp" or "sop".
+      kind: the pair kind an objective declares (``segments=2``); its ``negative`` says
+        how label 1 is made ("random_document": NSP, "swap": SOP).
       short_seq_prob: probability of a shorter target length.
       seed: seed of the numpy generator; the plan is a pure function of the arguments.
       dupe_factor: number of passes over the corpus, each with its own seed (BERT's
@@ -377,18 +383,20 @@ def plan_pairs(
       A :class:`PairPlan`.
 
     Raises:
-      ValueError: unknown kind, seq_len too short, or NSP with fewer than 2 documents.
+      ValueError: not a pair kind, seq_len too short, or random-document negatives (NSP)
+        with fewer than 2 documents.
     """
-    if kind not in PAIR_KINDS:
-        raise ValueError(f"Unknown pair kind {kind!r}; valid: {', '.join(PAIR_KINDS)}.")
+    if kind.segments != 2 or kind.negative not in NEGATIVES:
+        raise ValueError(f"{kind.name!r} is not a pair kind (segments=2, negative one of "
+                         f"{', '.join(NEGATIVES)}): {kind}.")
     _check_seq_len(seq_len, 3)
     if not 0.0 <= short_seq_prob <= 1.0:
         raise ValueError(f"short_seq_prob must be in [0, 1], got {short_seq_prob}.")
     if dupe_factor < 1:
         raise ValueError(f"dupe_factor must be >= 1, got {dupe_factor}.")
-    if kind == "nsp" and corpus.num_documents < 2:
+    if kind.negative == "random_document" and corpus.num_documents < 2:
         raise ValueError(
-            f"NSP needs at least 2 documents to draw random next segments; the corpus has "
+            f"{kind.name.upper()} needs at least 2 documents to draw random next segments; the corpus has "
             f"{corpus.num_documents}."
         )
     plans = [
@@ -402,7 +410,7 @@ def plan_pairs(
         b_spans=np.concatenate([p.b_spans for p in plans]),
         labels=np.concatenate([p.labels for p in plans]),
         target_lengths=np.concatenate([p.target_lengths for p in plans]),
-        kind=kind,
+        kind=kind.name,
         seq_len=seq_len,
         forced_random=sum(p.forced_random for p in plans),
         split_sentences=sum(p.split_sentences for p in plans),

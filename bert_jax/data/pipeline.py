@@ -4,7 +4,8 @@ evaluation batches.
 ::
 
     tok = tokenizer.ensure_tokenizer(config.data, workdir)
-    ds = build_dataset(config.data, tok, "train", seed=config.seed, example_kind="nsp",
+    kind = objectives.example_kind(setup.objectives)  # e.g. NSP's pairs
+    ds = build_dataset(config.data, tok, "train", seed=config.seed, example_kind=kind,
                        workdir=workdir)
     it = train_iterator(ds, batch_size_per_host=..., seed=config.seed,
                         process_index=jax.process_index(), process_count=jax.process_count())
@@ -30,6 +31,7 @@ from absl import logging
 from bert_jax.data import corpus as corpus_lib
 from bert_jax.data import examples as examples_lib
 from bert_jax.data.tokenizer import Tokenizer
+from objectives.base import SINGLE, ExampleKind
 
 # Seed offset of the eval split's pair plan, so eval pairs don't mirror the train ones.
 _EVAL_SEED_OFFSET = 1_000_003
@@ -48,29 +50,26 @@ def build_examples(
     split: str,
     *,
     seed: int,
-    example_kind: str = "single",
+    example_kind: ExampleKind = SINGLE,
     workdir: str | os.PathLike[str],
 ) -> examples_lib.Examples:
     """The examples of ``split`` as a random-access sequence with stats.
 
     Loads (or tokenizes and caches) the corpus, then plans single examples
     (``data_cfg.packing``) or pairs (``data_cfg.short_seq_prob``,
-    ``data_cfg.dupe_factor``) of length ``data_cfg.seq_len``.
+    ``data_cfg.dupe_factor``) of length ``data_cfg.seq_len``, as the objectives'
+    ``ExampleKind`` says (its ``segments`` and ``negative``).
 
     Raises:
-      ValueError: unknown kind, a pair kind on a source without document boundaries, or
-        a corpus that yields no example.
+      ValueError: a bad pair kind, a pair kind on a source without document boundaries,
+        or a corpus that yields no example.
     """
-    if example_kind not in examples_lib.EXAMPLE_KINDS:
-        raise ValueError(
-            f"Unknown example kind {example_kind!r}; valid: {', '.join(examples_lib.EXAMPLE_KINDS)}."
-        )
     corpus, source_stats = corpus_lib.load_corpus(
         data_cfg, split, tokenizer, cache_dir_for(data_cfg, workdir)
     )
     seq_len = int(data_cfg.seq_len)
     plan_seed = seed + (_EVAL_SEED_OFFSET if split == "eval" else 0)
-    if example_kind == "single":
+    if example_kind.segments == 1:
         packing = data_cfg.get("packing") or "full_sentences"
         if packing == "doc_sentences" and not source_stats.has_document_boundaries:
             logging.warning(
@@ -81,7 +80,7 @@ def build_examples(
     else:
         if not source_stats.has_document_boundaries:
             raise ValueError(
-                f"{example_kind.upper()} needs documents, but {source_stats.description} has "
+                f"{example_kind.name.upper()} needs documents, but {source_stats.description} has "
                 "no document boundaries (text_format='plain'). Use text_format='sentences' "
                 "or 'lines', or an objective on single segments."
             )
@@ -102,7 +101,7 @@ def build_examples(
         "examples": len(plan),
         "skipped_non_utf8": source_stats.skipped_non_utf8,
         "empty_documents_skipped": source_stats.empty_documents_skipped,
-        "example_kind": example_kind,
+        "example_kind": example_kind.name,
         "seq_len": seq_len,
     }
     if isinstance(plan, examples_lib.SinglePlan):
@@ -145,7 +144,7 @@ def build_dataset(
     split: str,
     *,
     seed: int,
-    example_kind: str = "single",
+    example_kind: ExampleKind = SINGLE,
     workdir: str | os.PathLike[str],
     global_batch_size: int | None = None,
 ) -> grain.MapDataset:
@@ -156,7 +155,7 @@ def build_dataset(
       tokenizer: the run's tokenizer.
       split: "train" or "eval".
       seed: seed of the example plan (pairs); the same seed gives the same examples.
-      example_kind: "single", "nsp" or "sop".
+      example_kind: the examples the objectives need (``objectives.example_kind``).
       workdir: the run's workdir (the corpus cache lives in it unless
         ``data_cfg.cache_dir`` is set).
       global_batch_size: if given, fail early when there are fewer examples than that.

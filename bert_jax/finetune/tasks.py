@@ -113,7 +113,6 @@ class TaskObjective(Objective):
   dropout: float | None = None
 
   name: ClassVar[str] = "task"
-  example_kind: ClassVar[str] = "single"
   uses_shared_forward: ClassVar[bool] = False
 
   def __post_init__(self):
