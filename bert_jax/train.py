@@ -326,13 +326,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"data.seq_len={config.data.seq_len} exceeds "
                      f"model.max_position_embeddings="
                      f"{setup.model.encoder_config.max_position_embeddings}")
-  kind = objectives_lib.example_kind(setup.objectives).name
+  example_kind = objectives_lib.example_kind(setup.objectives)
+  kind = example_kind.name
 
   train_ds = pipeline.build_dataset(config.data, tokenizer, "train", seed=config.seed,
-                                    example_kind=kind, workdir=workdir,
+                                    example_kind=example_kind, workdir=workdir,
                                     global_batch_size=tc.batch_size)
   eval_ds = pipeline.build_dataset(config.data, tokenizer, "eval", seed=config.seed + 1,
-                                   example_kind=kind, workdir=workdir)
+                                   example_kind=example_kind, workdir=workdir)
   per_host = tc.batch_size // jax.process_count()
   data_iter = pipeline.train_iterator(
       train_ds, batch_size_per_host=per_host, seed=config.seed,
