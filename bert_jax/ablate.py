@@ -26,7 +26,6 @@ from bert_jax import metrics as metrics_lib
 from bert_jax import run_config
 from bert_jax.budget import Budget, step_flops
 from bert_jax.compile_cache import use_compilation_cache
-from bert_jax.data import tokenizer as tokenizer_lib
 
 RESULT, FAILED = "result.json", "failed.json"
 
@@ -88,11 +87,9 @@ def pretrain_config(ablation: ml_collections.ConfigDict, name: str, out: str):
     if isinstance(value, str) and value.startswith("@"):
       overrides = overrides.replace(f"={value}", f"={cell_dir(out, value[1:])}/pretrain")
   apply_overrides(config, overrides)
-  names = [n for n, _ in objectives_lib.parse_spec(config.objectives)]
-  if "distill" in names and config.distill.teacher and not config.data.tokenizer:
-    # A student reads its teacher's tokenizer (every cell trains the same one on the same
-    # corpus, but the distillation objective insists on being told).
-    config.data.tokenizer = os.path.join(config.distill.teacher, tokenizer_lib.MODEL_FILENAME)
+  known = set(objectives_lib.available())  # the others are reported unavailable
+  for n in [n for n, _ in objectives_lib.parse_spec(config.objectives) if n in known]:
+    objectives_lib.get(n).complete_config(config)  # e.g. a student's tokenizer: its teacher's
   budget = Budget(ablation.budget.kind, float(ablation.budget.value))
   config.train.steps = budget.steps_for(config)
   config.train.eval_every = min(config.train.eval_every, config.train.steps)

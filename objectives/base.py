@@ -117,6 +117,13 @@ class Objective(abc.ABC):
     """Build from the full run config (its own section: `cls.section(config)`)."""
 
   @classmethod
+  def complete_config(cls, config: Any) -> None:
+    """Fills, in place, config fields this objective derives from elsewhere and that were
+    left empty (before the run's budget and setup are made): a distillation student's
+    tokenizer is its teacher's. Default: nothing."""
+    del config
+
+  @classmethod
   def section(cls, config: Any) -> Any:
     """config.<name> as the typed, validated `Config` dataclass."""
     return section_from(cls.Config, config[cls.name], cls.name)

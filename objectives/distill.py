@@ -198,8 +198,11 @@ def teacher_config(workdir: str, student: EncoderConfig) -> EncoderConfig:
 def teacher_tokenizer(workdir: str) -> str:
   """The tokenizer a teacher run used: its config's data.tokenizer or its workdir copy."""
   from bert_jax import run_config
-  configured = run_config.load(workdir).get("data", {}).get("tokenizer", "")
-  return configured or os.path.join(os.path.abspath(workdir), "tokenizer.model")
+  from bert_jax.data import tokenizer as tokenizer_lib
+  configured = ""
+  if os.path.isfile(os.path.join(workdir, run_config.CONFIG_FILE)):  # it may not have run yet
+    configured = run_config.load(workdir).get("data", {}).get("tokenizer", "")
+  return configured or os.path.join(os.path.abspath(workdir), tokenizer_lib.MODEL_FILENAME)
 
 
 def default_layers(teacher_layers: int, student_layers: int) -> tuple[int, ...]:
@@ -373,6 +376,13 @@ class Distill(Objective):
 
   def param_groups(self):
     return (self.name, "mlm")  # the student's MLM head sits where plain MLM's does
+
+  @classmethod
+  def complete_config(cls, config):
+    """The student reads its teacher's tokenizer: data.tokenizer defaults to it."""
+    teacher = config[cls.name].teacher
+    if teacher and not config.data.get("tokenizer"):
+      config.data.tokenizer = teacher_tokenizer(teacher)
 
   @classmethod
   def from_config(cls, config, special: SpecialIds):
