@@ -156,9 +156,11 @@ class Objective(abc.ABC):
     """Top-level parameter subtrees this objective owns (default: its name)."""
     return (self.name,)
 
-  def pooler_path(self) -> tuple[str, ...] | None:
+  @classmethod
+  def pooler_path(cls) -> tuple[str, ...] | None:
     """Where a pooler (dense + tanh on [CLS]) that fine-tuning can start from lives in
-    the parameters, if this objective trains one."""
+    the parameters, if this objective trains one. A class fact: fine-tuning reads it from
+    the names in a pretraining run's config, without building the objective."""
     return None
 
   def frozen_paths(self) -> tuple[tuple[str, ...], ...]:

@@ -78,5 +78,6 @@ class SentencePairObjective(Objective):
   def loss(self, outputs, inputs):
     return pair_loss(outputs, inputs["sentence_label"])
 
-  def pooler_path(self):
-    return (self.name, "pooler")
+  @classmethod
+  def pooler_path(cls):
+    return (cls.name, "pooler")

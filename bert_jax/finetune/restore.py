@@ -4,8 +4,8 @@
 for distillation the student are what live at params["encoder"]) or one written by
 `launch.import_hf`. Its config.json gives the architecture, its checkpoint (latest, best
 or a given step) the weights; only params["encoder"] is kept (plus, for the kinds that
-read the pooled [CLS], the pooler of the NSP/SOP head or of an imported model, with
-`config.init_pooler`): the pretraining heads are dropped. `config.init = ""` starts from
+read the pooled [CLS], the pooler an objective of the run declares in `pooler_path()`,
+e.g. the NSP/SOP head's, or that of an imported model, with `config.init_pooler`): the pretraining heads are dropped. `config.init = ""` starts from
 random weights with the architecture of the configs/pretrain.py preset `config.arch`;
 `config.init_weights = False` keeps init's architecture and tokenizer but not its weights
 (the baseline a pretrained model is compared with).
@@ -29,7 +29,9 @@ from bert_jax.encoder import EncoderConfig
 
 # EncoderConfig fields a fine-tuning run may change (config.model.*); None keeps init's.
 OVERRIDABLE = ("hidden_dropout", "attention_dropout", "dtype", "remat", "attention_impl")
-POOLER_SOURCES = ("nsp", "sop", "pooler", "task")  # "task": a fine-tuned workdir's head
+# Where a pooler lives when no objective of the run declares one (`pooler_path`): an
+# imported model's lone pooler, a fine-tuned workdir's task head.
+POOLER_FALLBACKS = (("pooler",), ("task", "pooler"))
 # Written by fine-tuning runs: the encoder's full EncoderConfig (their config.json holds
 # only the fields fine-tuning may change), so a fine-tuned workdir can be an init too.
 ENCODER_CONFIG_FILE = "encoder_config.json"
@@ -95,6 +97,25 @@ def check_compatible(cfg: EncoderConfig, tokenizer_vocab: int, seq_len: int,
         f"{usable} tokens); lower --config.data.seq_len")
 
 
+def pooler_paths(pre: ml_collections.ConfigDict) -> list[tuple[str, ...]]:
+  """Where to look for a pooler: the `pooler_path` of each objective the pretraining run
+  (its saved config) trained, then POOLER_FALLBACKS."""
+  import objectives
+  spec = pre.get("objectives") or ""  # a fine-tuned workdir's config names none
+  known = set(objectives.available())
+  names = [n for n, _ in objectives.parse_spec(spec) if n in known] if spec else []
+  declared = [objectives.get(n).pooler_path() for n in names]
+  return [p for p in declared if p] + list(POOLER_FALLBACKS)
+
+
+def _subtree(params: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    if not isinstance(params, dict) or key not in params:
+      return None
+    params = params[key]
+  return params if isinstance(params, dict) else None
+
+
 def load_init(config: ml_collections.ConfigDict) -> Init:
   workdir = os.path.abspath(config.init) if config.init else None
   pre = None
@@ -129,12 +150,9 @@ def load_init(config: ml_collections.ConfigDict) -> Init:
       raise ValueError(f"the checkpoint of {workdir} has no 'encoder' parameters "
                        f"(it has {sorted(params)})")
     encoder = jax.tree.map(np.asarray, params["encoder"])
-    for name in POOLER_SOURCES:
-      node = params.get(name)
-      if isinstance(node, dict) and "pooler" in node:
-        pooler = jax.tree.map(np.asarray, node["pooler"])
-        break
-      if name == "pooler" and isinstance(node, dict) and "dense" in node:
+    for path in pooler_paths(pre):
+      node = _subtree(params, path)
+      if node:
         pooler = jax.tree.map(np.asarray, node)
         break
     description = f"{workdir} step {step} ({config.init_which if want is None else 'given'})"
