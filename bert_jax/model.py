@@ -29,8 +29,13 @@ class PretrainModel(nn.Module):
 
   @nn.compact
   def __call__(self, batch: dict[str, Any], *, deterministic: bool) -> dict[str, Any]:
-    """`batch`: Composition.corrupt's {"clean", "views", "own"} -> {objective: outputs}."""
+    """`batch`: Composition.corrupt's {"clean", "views", "own"} -> {objective: outputs}.
+
+    A flat batch (no "clean" key) is one objective's inputs as `Composition.inputs` gives
+    them (e.g. a corrupted batch made by `objectives.corrupt_one`, or a fine-tuning batch)."""
     comp = as_composition(self.composition)
+    if "clean" not in batch:
+      batch = {"clean": batch, "views": tuple(batch for _ in comp.views), "own": {}}
     encoder = Encoder(self.encoder_config, name="encoder")
     encoded = {}
     for i in comp.passes():

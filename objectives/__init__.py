@@ -94,6 +94,9 @@ class Composition:
   def __len__(self):
     return len(self.objectives)
 
+  def __getitem__(self, i: int) -> WeightedObjective:
+    return self.objectives[i]
+
   @property
   def example_kind(self) -> ExampleKind:
     kinds = {w.objective.example_kind for w in self.objectives} - {SINGLE}
@@ -123,7 +126,8 @@ class Composition:
   def inputs(self, batch: dict[str, Any], objective: Objective) -> Batch:
     i = self.view_index(objective)
     view = batch["views"][i] if i is not None else {}
-    return {**batch["clean"], "original_ids": batch["clean"]["input_ids"], **view,
+    clean = batch["clean"]
+    return {**clean, "original_ids": clean.get("original_ids", clean["input_ids"]), **view,
             **batch["own"].get(objective.name, {})}
 
   def param_groups(self) -> dict[str, str]:

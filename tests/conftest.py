@@ -80,3 +80,13 @@ def train_losses(workdir) -> dict[int, float]:
   from bert_jax import metrics as metrics_lib
   rows = metrics_lib.latest_rows(metrics_lib.read_metrics(workdir))
   return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def flat_inputs(batch):
+  """A corrupted batch {"clean", "views", "own"} of ONE objective -> its flat inputs (what
+  `Composition.inputs` gives it); a flat batch is returned as it is."""
+  if "clean" not in batch:
+    return batch
+  own = list(batch["own"].values())
+  return {**batch["clean"], "original_ids": batch["clean"]["input_ids"],
+          **(batch["views"][0] if batch["views"] else {}), **(own[0] if own else {})}

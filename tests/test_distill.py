@@ -27,7 +27,7 @@ from bert_jax import checkpoint, hf, train  # noqa: E402
 from bert_jax.encoder import EncoderConfig  # noqa: E402
 from objectives import distill  # noqa: E402
 from objectives.base import SpecialIds  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from tests.conftest import flat_inputs, tiny_config  # noqa: E402
 
 VOCAB, B, L = 99, 8, 12
 SPECIAL = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, first_regular=5, vocab_size=VOCAB)
@@ -97,7 +97,7 @@ def fresh_params(setup, objective, batch, student=None):
   """Initialised params with the teacher loaded; the student replaced by `student`."""
   init = jax.jit(lambda b: nn.meta.unbox(setup.model.init(
       {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
-      train.corrupt(setup, b, jax.random.PRNGKey(0)), deterministic=True)["params"]))
+      train.corrupt(setup, b.get("clean", b), jax.random.PRNGKey(0)), deterministic=True)["params"]))
   params = objective.initialize(init(batch))
   if student is not None:
     params = dict(params, encoder=student.params["encoder"], mlm=student.params["mlm"])
@@ -105,6 +105,7 @@ def fresh_params(setup, objective, batch, student=None):
 
 
 def torch_forward(model, batch):
+  batch = flat_inputs(batch)
   with torch.no_grad():
     return model(input_ids=torch.tensor(np.asarray(batch["input_ids"]), dtype=torch.long),
                  token_type_ids=torch.tensor(np.asarray(batch["segment_ids"]), dtype=torch.long),
@@ -114,6 +115,7 @@ def torch_forward(model, batch):
 
 def at_masked(x, batch):
   """[B, L, ...] torch tensor -> [N, ...] at the masked positions with weight 1."""
+  batch = flat_inputs(batch)
   pos, w = np.asarray(batch["mlm_positions"]), np.asarray(batch["mlm_weights"]) > 0
   rows = np.repeat(np.arange(B)[:, None], pos.shape[1], 1)
   return x[torch.tensor(rows[w]), torch.tensor(pos[w])]
@@ -160,9 +162,9 @@ def test_init_from_teacher_and_distilbert_terms_match_torch(models):
   assert s_logits.shape[0] == float(m["distill/kl_loss"][1]) > 0
   kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.softmax(t_logits / T, -1),
                 reduction="batchmean") * T ** 2
-  ids = torch.tensor(np.asarray(batch["mlm_ids"])[np.asarray(batch["mlm_weights"]) > 0])
+  ids = torch.tensor(np.asarray(flat_inputs(batch)["mlm_ids"])[np.asarray(flat_inputs(batch)["mlm_weights"]) > 0])
   ce = F.cross_entropy(s_logits, ids.long())
-  keep = torch.tensor(np.asarray(batch["attention_mask"]) > 0)
+  keep = torch.tensor(np.asarray(flat_inputs(batch)["attention_mask"]) > 0)
   s_h, t_h = s.hidden_states[-1][keep], t.hidden_states[-1][keep]
   cos = F.cosine_embedding_loss(s_h, t_h, torch.ones(s_h.shape[0]))
   np.testing.assert_allclose(mean(m, "distill/kl_loss"), kl.item(), rtol=1e-4, atol=1e-6)
@@ -181,7 +183,7 @@ def test_layerwise_terms_match_torch_and_progressive_cuts_gradients(models):
                      alpha_attention=3.0)
   setup = train.build_setup(c, SPECIAL)
   obj = setup.objectives[0].objective
-  assert obj.project and not obj.uses_shared_forward
+  assert obj.project and obj.runs_encoder
   stage = 1
   batch = dict(make_batch(1), step=np.full((B,), stage * stage_steps + 2, np.int32))
   batch = jax.jit(lambda b: train.corrupt(setup, b, jax.random.PRNGKey(4)))(batch)
@@ -193,7 +195,7 @@ def test_layerwise_terms_match_torch_and_progressive_cuts_gradients(models):
   t, s = torch_forward(models.teacher3, batch), torch_forward(models.thin, batch)
   proj = params["distill"]["projection"]
   kernel, bias = (torch.tensor(np.asarray(proj[k])) for k in ("kernel", "bias"))
-  keep = torch.tensor(np.asarray(batch["attention_mask"]) > 0)
+  keep = torch.tensor(np.asarray(flat_inputs(batch)["attention_mask"]) > 0)
   mse, att = [], []
   for layer in range(3):
     s_h = s.hidden_states[layer + 1] @ kernel + bias
@@ -293,7 +295,7 @@ def test_config_errors(models):
                                      mode="layerwise", init_student=False), SPECIAL)
   c = distill_config(models.teacher_wd, models.student_imported.config)
   c.objectives = "mlm:1.0,distill:1.0"
-  with pytest.raises(ValueError, match="drop 'mlm'"):
+  with pytest.raises(ValueError, match=r"both train params\['mlm'\]"):
     train.build_setup(c, SPECIAL)
   c = distill_config(models.teacher_wd, models.student_imported.config)
   c.data.tokenizer = ""

@@ -49,6 +49,7 @@ def test_combined_loss_matches_transformers(name, objectives, tmp_path):
   loss, metrics = train.compute_loss(params, setup, batch, jax.random.PRNGKey(1), True)
 
   labels = np.full(ids.shape, -100)
+  batch = setup.objectives.inputs(batch, setup.objectives[0].objective)  # MLM's masked view
   pos, tgt, w = (np.asarray(batch[k]) for k in ("mlm_positions", "mlm_ids", "mlm_weights"))
   for b in range(ids.shape[0]):
     for p, t, wt in zip(pos[b], tgt[b], w[b]):

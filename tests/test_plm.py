@@ -10,6 +10,7 @@ import pytest
 from bert_jax import heads, train
 from bert_jax.encoder import EncoderConfig
 from bert_jax.model import PretrainModel
+import objectives
 from objectives.masking import MaskingConfig
 from objectives.plm import PermutationLM
 from tests.conftest import tiny_config
@@ -28,7 +29,8 @@ def plm_objective(max_predictions=8, head_transform=True, **masking):
 
 
 def corrupted(obj, batch, seed=0):
-  return jax.tree.map(np.asarray, jax.jit(obj.corrupt)(batch, jax.random.PRNGKey(seed)))
+  return jax.tree.map(np.asarray, jax.jit(lambda b, k: objectives.corrupt_one(obj, b, k)[1])(
+      batch, jax.random.PRNGKey(seed)))
 
 
 def test_masks_follow_the_factorization_order():
@@ -206,7 +208,7 @@ def test_xlnet_preset_builds_and_every_parameter_learns():
                       num_layers=1))
   c.plm.max_predictions = 8
   setup = train.build_setup(c, SPECIAL)
-  batch = setup.objectives[0].objective.corrupt(xlnet_batch_raw(), jax.random.PRNGKey(0))
+  batch = train.corrupt(setup, xlnet_batch_raw(), jax.random.PRNGKey(0))
   params = nn.meta.unbox(setup.model.init(jax.random.PRNGKey(1), batch,
                                           deterministic=True)["params"])
   grads = jax.jit(jax.grad(lambda p: train.compute_loss(

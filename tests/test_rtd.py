@@ -26,6 +26,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from bert_jax import checkpoint, hf, run_config, train  # noqa: E402
 from bert_jax.model import PretrainModel  # noqa: E402
+import objectives  # noqa: E402
 from objectives.base import SpecialIds  # noqa: E402
 from objectives.masking import MaskingConfig  # noqa: E402
 from objectives.rtd import ReplacedTokenDetection, discriminator_loss, gumbel_sample  # noqa: E402
@@ -93,7 +94,7 @@ def pair(tmp_path_factory):
       masking=MaskingConfig(rate=0.15, max_predictions=8, mask_prob=0.85, random_prob=0.0),
       special=SPECIAL, generator_size=g["generator_size"], generator_layers=g["generator_layers"])
   model = PretrainModel(imported.config, (objective,))
-  corrupt = jax.jit(objective.corrupt)
+  corrupt = jax.jit(lambda b, k: objectives.corrupt_one(objective, b, k)[1])
   apply = jax.jit(lambda p, b: model.apply({"params": p}, b, deterministic=True)["rtd"])
   batch = corrupt(make_batch(0), jax.random.PRNGKey(7))
   return types.SimpleNamespace(
