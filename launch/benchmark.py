@@ -1,22 +1,26 @@
 r"""Time our jitted train step, and the transformers PyTorch step beside it in the same run.
 
   python -m launch.benchmark --config configs/pretrain.py:bert,small --peer hf \
-      [--steps 20] [--batch_size 32] [--seq_len 128] [--objective mlm] [--out bench.json] \
-      [--config.model.dtype=bfloat16 ...]
+      [--steps 20] [--batch_size 32] [--seq_len 128] [--objectives mlm:1.0] \
+      [--out bench.json] [--config.model.dtype=bfloat16 ...]
 
 Ours: `bert_jax.train.train_step` (corruption, forward, backward, AdamW, all in one jitted
 function with donated state) on synthetic full-length sequences, compiled ahead of time
 (the compile time is reported) and timed with `jax.block_until_ready` after every step.
-Peer (`--peer hf`): transformers' `BertForPreTraining` (with NSP) or `BertForMaskedLM`
-(MLM only) of the same sizes, SDPA attention, the same dropout, torch AdamW with the same
+Any objectives run (the config's, or `--objectives`, which is `--config.objectives`).
+Peer (`--peer hf`): the transformers model the objectives name (`Objective.torch_peer`,
+objectives/torch_peers.py): `BertForPreTraining` (MLM + NSP/SOP) or `BertForMaskedLM`
+(MLM), the ELECTRA generator + discriminator pair (RTD), of the same sizes, SDPA
+attention, the same dropout, torch AdamW with the same
 lr schedule / betas / eps / weight decay (no decay on biases and LayerNorm) and clipping,
 bf16 autocast when our compute dtype is bf16, fed the batches our masking produced
 (labels -100 where nothing is predicted), on the same device (cuda when torch has one).
 
 Both run in this process, alternating blocks of `--round_steps` steps, so that a noisy
 machine slows both alike; the figures are medians. MFU counts the FLOPs each step really
-computes (`bert_jax.flops`): the peer and our `mlm.predict_all=True` project every position
-onto the vocabulary, our default only the masked ones. Threads: torch uses os.cpu_count()
+computes: ours XLA's count of the compiled step (`cost_analysis`: every op, the optimizer
+and any rematerialisation included), the peer's by the hand formulas of `bert_jax.flops`
+(it projects every position onto the vocabulary; our MLM only the masked ones). Threads: torch uses os.cpu_count()
 intra-op threads unless --torch_threads says otherwise; JAX keeps its default (XLA's
 CPU thread pool over all cores).
 """
@@ -48,7 +52,8 @@ def define_flags() -> None:
   config_cli.define_config("configs/pretrain.py:bert,small",
                           "Config file and preset, e.g. configs/pretrain.py:bert,small.")
   flags.DEFINE_enum("peer", "", ["", "hf"], "Also time this implementation in the same run.")
-  flags.DEFINE_string("objective", "mlm", "Benchmark objective (see OBJECTIVES below).")
+  flags.DEFINE_string("objectives", "", "Weighted objectives to run, e.g. 'mlm:1.0' (the "
+                      "same as --config.objectives; default: the config's).")
   flags.DEFINE_integer("steps", 20, "Timed steps per implementation (after warm-up).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation / before timing.")
   flags.DEFINE_integer("round_steps", 5, "Steps per block when alternating with the peer.")
@@ -62,75 +67,24 @@ def define_flags() -> None:
 # ----------------------------------------------------------------------------- objectives
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchObjective:
-  """How to benchmark one objective: the config it needs, its FLOPs, its PyTorch peer."""
-
-  name: str
-  prepare: Callable[[Any], None]  # adjusts config.objectives (in place, config unlocked)
-  step_flops: Callable[..., Any]  # (config, setup, batch_size, seq_len, *, peer) -> StepFlops
-  # (config, setup, corrupted numpy batches, *, schedule_steps) -> TorchPeer
-  build_peer: Callable[..., "TorchPeer"]
-
-
-OBJECTIVES: dict[str, BenchObjective] = {}
+def peer_builder(composition) -> Callable[..., Any]:
+  """The transformers builder the objectives name (`Objective.torch_peer`); one for all."""
+  import importlib
+  named = {w.objective.name: w.objective.torch_peer() for w in composition}
+  peers = set(named.values())
+  if None in peers or len(peers) != 1:
+    raise ValueError(f"--peer hf: objectives {named} have no one PyTorch peer between them "
+                     "(each names it with Objective.torch_peer)")
+  module, _, fn = peers.pop().partition(":")
+  return getattr(importlib.import_module(module), fn)
 
 
-def register(obj: BenchObjective) -> BenchObjective:
-  OBJECTIVES[obj.name] = obj
-  return obj
-
-
-def _objective_names(config) -> list[str]:
+def for_seq_len(config, seq_len: int) -> None:
+  """Every objective section sized for the new length as the presets size it."""
   import objectives as objectives_lib
-  return [n for n, _ in objectives_lib.parse_spec(config.objectives)]
-
-
-def _prepare_mlm(config) -> None:
-  names = _objective_names(config)
-  if "mlm" not in names or not set(names) <= {"mlm", "nsp"}:
-    raise ValueError(f"--objective mlm needs config.objectives to be MLM (+ NSP), got "
-                     f"{config.objectives!r}")
-
-
-def _mlm_flops(config, setup, batch_size: int, seq_len: int, *, peer: bool):
-  from bert_jax import flops
-  cfg = setup.model.encoder_config
-  predict_all = peer or bool(config.mlm.predict_all)
-  per_seq = seq_len if predict_all else int(config.mlm.max_predictions)
-  return flops.mlm_step_flops(cfg, batch_size, seq_len, per_seq,
-                              pair_head="nsp" in _objective_names(config))
-
-
-register(BenchObjective("mlm", _prepare_mlm, _mlm_flops,
-                        lambda *a, **k: build_hf_bert(*a, **k)))
-
-
-def _prepare_electra(config) -> None:
-  if _objective_names(config) != ["rtd"]:
-    raise ValueError(f"--objective electra needs config.objectives='rtd:1.0' (e.g. the "
-                     f"electra preset), got {config.objectives!r}")
-
-
-def _rtd_objective(setup):
-  return next(w.objective for w in setup.objectives if w.objective.name == "rtd")
-
-
-def _generator_config(setup):
-  from objectives.rtd import generator_config
-  rtd = _rtd_objective(setup)
-  return generator_config(setup.model.encoder_config, rtd.generator_size, rtd.generator_layers)
-
-
-def _electra_flops(config, setup, batch_size: int, seq_len: int, *, peer: bool):
-  from bert_jax import flops
-  per_seq = seq_len if peer else int(config.rtd.max_predictions)
-  return flops.electra_step_flops(setup.model.encoder_config, _generator_config(setup),
-                                  batch_size, seq_len, per_seq)
-
-
-register(BenchObjective("electra", _prepare_electra, _electra_flops,
-                        lambda *a, **k: build_hf_electra(*a, **k)))
+  for name in objectives_lib.available():
+    if name in config:
+      objectives_lib.get(name).for_seq_len(config, seq_len)
 
 
 # ----------------------------------------------------------------------------- data
@@ -216,16 +170,16 @@ class Ours:
     self.special = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, first_regular=5,
                               vocab_size=vocab)
     self.setup = train.build_setup(config, self.special)
-    self.kind = _example_kind(self.setup)
+    self.kind = self.setup.objectives.example_kind
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.logical_rules(config.sharding)
     divisor = sharding.batch_divisor(self.mesh, self.rules)
     if batch_size % (divisor * config.train.grad_accum):
       raise ValueError(f"batch size {batch_size} must be a multiple of {divisor} devices x "
                        f"grad_accum {config.train.grad_accum}")
-    self.host_batches = [synthetic_batch(i, batch_size, seq_len, vocab, self.kind != "single")
+    self.host_batches = [synthetic_batch(i, batch_size, seq_len, vocab, self.kind.segments == 2)
                          for i in range(num_batches)]
-    sample = train.dummy_batch(batch_size, seq_len, self.kind)
+    sample = train.dummy_batch(batch_size, seq_len, self.kind.name)
     self.state, shardings = train.init_state(self.setup, config.seed, sample, self.mesh,
                                              self.rules)
     self.n_params = train.count_params(self.state.params)
@@ -266,11 +220,6 @@ def mesh_size(config) -> int:
   return math.prod(sharding.mesh_shape(config.mesh, jax.device_count()))
 
 
-def _example_kind(setup) -> str:
-  import objectives as objectives_lib
-  return objectives_lib.example_kind(setup.objectives)
-
-
 # ----------------------------------------------------------------------------- peer
 
 
@@ -287,6 +236,7 @@ class TorchPeer:
   n_params: int
   parameters: list[Any]  # what the optimizer updates (tied weights once)
   loss_fn: Callable[[dict[str, Any]], Any] | None = None  # default: model(**batch).loss
+  flops: Any = None  # bert_jax.flops.StepFlops of one step (hand formula)
   losses: list[float] = dataclasses.field(default_factory=list)
   _last: Any = None
 
@@ -316,57 +266,6 @@ def torch_device() -> str:
   return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_hf_bert(config, setup, corrupted: list[dict[str, Any]],
-                  schedule_steps: int = 1000) -> TorchPeer:
-  """transformers' BERT of our sizes: BertForPreTraining with NSP, else BertForMaskedLM."""
-  import torch
-  import transformers
-
-  cfg = setup.model.encoder_config
-  if cfg.embed_size != cfg.hidden_size or cfg.pre_layer_norm or cfg.num_layer_groups:
-    raise ValueError("--peer hf builds BERT: factorized embeddings, pre-LN and layer "
-                     "sharing have no BertFor* counterpart")
-  pair = "nsp" in _objective_names(config)
-  device = torch_device()
-  _torch_setup(device)
-  hf_cfg = transformers.BertConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
-      hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
-      max_position_embeddings=cfg.max_position_embeddings,
-      type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
-      initializer_range=cfg.initializer_range, attn_implementation="sdpa")
-  cls = transformers.BertForPreTraining if pair else transformers.BertForMaskedLM
-  torch.manual_seed(config.seed)
-  model = cls(hf_cfg).to(device)
-  model.train()
-  batches = []
-  for c in corrupted:
-    b = {"input_ids": c["input_ids"], "token_type_ids": c["segment_ids"],
-         "attention_mask": c["attention_mask"], "labels": _mlm_labels(c)}
-    if pair:
-      b["next_sentence_label"] = c["sentence_label"]
-    batches.append(_to_torch(b, device))
-  return _torch_peer(f"transformers {cls.__name__} (PyTorch {torch.__version__}, sdpa)",
-                     config, model, batches, device, schedule_steps)
-
-
-def _mlm_labels(c: dict[str, Any]):
-  """Our gathered MLM targets as a [B, L] label array, -100 where nothing is predicted."""
-  import numpy as np
-  labels = np.full(c["input_ids"].shape, -100, np.int64)
-  rows, cols = np.nonzero(c["mlm_weights"] > 0)
-  labels[rows, c["mlm_positions"][rows, cols]] = c["mlm_ids"][rows, cols]
-  return labels
-
-
-def _to_torch(b: dict[str, Any], device: str) -> dict[str, Any]:
-  import numpy as np
-  import torch
-  return {k: torch.as_tensor(np.asarray(v, np.int64), device=device) for k, v in b.items()}
-
-
 def _torch_setup(device: str) -> None:
   import torch
   if device == "cuda":
@@ -375,8 +274,18 @@ def _torch_setup(device: str) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def build_peer(config, setup, corrupted: list[dict[str, Any]],
+               schedule_steps: int = 1000) -> TorchPeer:
+  """The objectives' transformers model (`peer_builder`), trained like ours."""
+  device = torch_device()
+  _torch_setup(device)
+  built = peer_builder(setup.objectives)(config, setup, corrupted, device)
+  return _torch_peer(built.name, config, built.model, built.batches, device, schedule_steps,
+                     built.loss_fn, built.flops)
+
+
 def _torch_peer(name: str, config, model, batches, device: str, schedule_steps: int,
-                loss_fn=None) -> TorchPeer:
+                loss_fn=None, step_flops=None) -> TorchPeer:
   """AdamW with our hyper-parameters and schedule (no decay on biases and LayerNorm)."""
   import numpy as np
   import torch
@@ -400,71 +309,7 @@ def _torch_peer(name: str, config, model, batches, device: str, schedule_steps: 
                    batches=batches, device=device, autocast_dtype=autocast,
                    clip_norm=float(o.clip_norm or 0.0),
                    n_params=sum(p.numel() for p in named.values()),
-                   parameters=list(named.values()), loss_fn=loss_fn)
-
-
-def _electra_config(cfg, **kw):
-  import transformers
-  return transformers.ElectraConfig(
-      vocab_size=cfg.vocab_size, embedding_size=cfg.embed_size, hidden_size=cfg.hidden_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
-      hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
-      max_position_embeddings=cfg.max_position_embeddings,
-      type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.layer_norm_eps,
-      initializer_range=cfg.initializer_range, attn_implementation="sdpa", **kw)
-
-
-def build_hf_electra(config, setup, corrupted: list[dict[str, Any]],
-                     schedule_steps: int = 1000) -> TorchPeer:
-  """ELECTRA as its reference trains it, from transformers' classes: an ElectraForMaskedLM
-  generator and an ElectraForPreTraining discriminator sharing the embedding tables and
-  embedding LayerNorm; replacements sampled (Gumbel-max) at the masked positions without
-  gradient; loss = gen_weight x MLM + disc_weight x RTD."""
-  import torch
-  import transformers
-
-  cfg = setup.model.encoder_config
-  gen_cfg = _generator_config(setup)
-  rtd = _rtd_objective(setup)
-  if cfg.pre_layer_norm or cfg.num_layer_groups:
-    raise ValueError("--peer hf builds ELECTRA: pre-LN and layer sharing have no "
-                     "Electra* counterpart")
-  device = torch_device()
-  _torch_setup(device)
-  torch.manual_seed(config.seed)
-  disc = transformers.ElectraForPreTraining(_electra_config(cfg)).to(device)
-  gen = transformers.ElectraForMaskedLM(_electra_config(gen_cfg)).to(device)
-  gen.electra.embeddings = disc.electra.embeddings  # shared tables + embedding LayerNorm
-  gen.generator_lm_head.weight = disc.electra.embeddings.word_embeddings.weight
-  model = torch.nn.ModuleDict({"generator": gen, "discriminator": disc})
-  model.train()
-
-  batches = []
-  for c in corrupted:
-    b = _to_torch({"input_ids": c["input_ids"], "token_type_ids": c["segment_ids"],
-                   "attention_mask": c["attention_mask"], "labels": _mlm_labels(c),
-                   "original_ids": c["original_ids"]}, device)
-    b["masked"] = b["labels"] != -100
-    batches.append(b)
-
-  def loss_fn(b):
-    g = gen(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
-            attention_mask=b["attention_mask"], labels=b["labels"])
-    with torch.no_grad():
-      logits = g.logits[b["masked"]].float() / rtd.temperature
-      u = torch.rand_like(logits).clamp_(1e-9, 1.0)
-      sampled = torch.argmax(logits - torch.log(-torch.log(u)), dim=-1)
-      disc_ids = b["original_ids"].clone()
-      disc_ids[b["masked"]] = sampled
-      labels = (disc_ids != b["original_ids"]).long()
-    d = disc(input_ids=disc_ids, token_type_ids=b["token_type_ids"],
-             attention_mask=b["attention_mask"], labels=labels)
-    return rtd.gen_weight * g.loss + rtd.disc_weight * d.loss
-
-  return _torch_peer(f"transformers ElectraForMaskedLM + ElectraForPreTraining "
-                     f"(PyTorch {torch.__version__}, sdpa)", config, model, batches, device,
-                     schedule_steps, loss_fn=loss_fn)
+                   parameters=list(named.values()), loss_fn=loss_fn, flops=step_flops)
 
 
 # ----------------------------------------------------------------------------- run
@@ -480,37 +325,40 @@ def warm_up(step_fn, n: int) -> float:
   return first
 
 
-def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warmup: int = 2,
+def run(config, *, peer: str = "", objectives: str = "", steps: int = 20, warmup: int = 2,
         round_steps: int = 5, batch_size: int | None = None, seq_len: int | None = None,
         torch_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs the benchmark and returns the results dict (what --out writes)."""
+  """Runs the benchmark and returns the results dict (what --out writes). `objectives`
+  replaces config.objectives when given."""
   import jax
+  import objectives as objectives_lib
   from bert_jax import flops
+  from bert_jax.budget import stand_in_special
 
-  if objective not in OBJECTIVES:
-    raise ValueError(f"--objective {objective!r}: available {sorted(OBJECTIVES)}")
-  bench = OBJECTIVES[objective]
   config = config.copy_and_resolve_references()
+  if objectives:
+    config.objectives = objectives
   batch_size = int(batch_size or config.train.batch_size)
   seq_len = int(seq_len or config.data.seq_len)
-  if seq_len != config.data.seq_len:  # the preset's masking budget for the new length
-    for section in ("mlm", "rtd"):
-      if section in config:
-        config[section].max_predictions = max(20, round(seq_len * config[section].rate + 0.5))
+  if seq_len != config.data.seq_len:  # the preset's prediction budgets for the new length
+    for_seq_len(config, seq_len)
   config.data.seq_len = seq_len
   config.train.batch_size = batch_size
-  bench.prepare(config)
   if seq_len > config.model.max_position_embeddings:
     raise ValueError(f"seq_len {seq_len} > model.max_position_embeddings "
                      f"{config.model.max_position_embeddings}")
+  names = [n for n, _ in objectives_lib.parse_spec(config.objectives)]
+  if peer:  # refused before anything compiles
+    peer_builder(objectives_lib.build(config, stand_in_special(config.model.vocab_size)))
 
   device = jax.devices()[0]
   dtype = str(config.model.dtype)
   result: dict[str, Any] = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "objective": objective, "objectives": config.objectives,
+      "objectives": config.objectives,
+      "objective_config": {n: config[n].to_dict() for n in names if n in config},
       "preset": f"{config.family},{config.size}", "batch_size": batch_size, "seq_len": seq_len,
-      "dtype": dtype, "predict_all": bool(config.mlm.predict_all),
+      "dtype": dtype,
       "attention_impl": config.model.attention_impl, "remat": config.model.remat,
       "steps": steps, "warmup": warmup,
       "device": {"platform": device.platform, "device_kind": device.device_kind,
@@ -524,7 +372,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
       "load_average": {"start": load_average()},
   }
 
-  log(f"ours: building and compiling {result['preset']} {objective} "
+  log(f"ours: building and compiling {result['preset']} {config.objectives} "
       f"(batch {batch_size} x {seq_len}, {dtype}) on {result['device']['num_devices']} x "
       f"{device.device_kind} ...")
   ours = Ours(config, batch_size, seq_len)
@@ -543,8 +391,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
     result["threads"]["torch_intra_op"] = torch.get_num_threads()
     result["threads"]["torch_inter_op"] = torch.get_num_interop_threads()
     log("peer: building transformers model ...")
-    the_peer = bench.build_peer(config, ours.setup, ours.corrupted,
-                                schedule_steps=warmup + steps + 1)
+    the_peer = build_peer(config, ours.setup, ours.corrupted, schedule_steps=warmup + steps + 1)
     peer_first_s = warm_up(the_peer.step, warmup)
     the_peer.record_loss()
     timed.append(Timed("peer", the_peer.step))
@@ -576,28 +423,33 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
   tokens = batch_size * seq_len
   n_dev = int(ours.mesh.devices.size)  # the peak is per device; the step uses the mesh's
 
-  def figures(times, step_flops, first_s, n_params, losses):
+  def figures(times, step_flops: dict | None, first_s, n_params, losses):
+    """step_flops: {"total", ...} of one step, None when not counted."""
     med = statistics.median(times)
+    total = step_flops["total"] if step_flops else None
     f = {"step_time_s": med, "step_time": summarize(times), "tokens_per_s": tokens / med,
-         "first_step_s": first_s, "params": int(n_params),
-         "flops": step_flops.as_dict(), "achieved_flops_per_s": step_flops.total / med,
+         "first_step_s": first_s, "params": int(n_params), "flops": step_flops,
+         "achieved_flops_per_s": total / med if total else None,
          "loss_first": losses[0] if losses else None,
          "loss_last": losses[-1] if losses else None}
-    f["mfu"] = flops.mfu(step_flops.total, med, peak.flops_per_s, n_dev) if peak else None
+    f["mfu"] = flops.mfu(total, med, peak.flops_per_s, n_dev) if peak and total else None
     return f
 
-  ours_flops = bench.step_flops(config, ours.setup, batch_size, seq_len, peer=False)
+  per_device = flops.xla_flops(ours.compiled)
+  ours_flops = per_device and {
+      "tokens": tokens, "total": per_device * n_dev, "per_token": per_device * n_dev / tokens,
+      "source": "XLA cost_analysis of the compiled step, x devices"}
   r = figures(timed[0].times, ours_flops, first_step_s, ours.n_params, ours.losses)
   r["name"] = "bert_jax (JAX %s)" % jax.__version__
   r["compile_s"] = ours.compile_s
   r["memory"] = ours.memory
-  r["xla_flops_per_device_step"] = flops.xla_flops(ours.compiled)
+  r["xla_flops_per_device_step"] = per_device
   r["peak_memory"] = _peak_memory_jax(device, ours_peak_rss)
   result["ours"] = r
 
   if the_peer:
     import torch
-    pf = bench.step_flops(config, ours.setup, batch_size, seq_len, peer=True)
+    pf = dict(the_peer.flops.as_dict(), source="bert_jax.flops (hand formula)")
     p = figures(timed[1].times, pf, peer_first_s, the_peer.n_params, the_peer.losses)
     p["name"] = the_peer.name
     p["device"] = the_peer.device
@@ -639,8 +491,10 @@ def format_table(result: dict[str, Any]) -> str:
       ("tokens/s", lambda f: f"{f['tokens_per_s']:,.0f}"),
       ("compile / first step", lambda f: (f"{f['compile_s']:.1f} s / " if "compile_s" in f
                                           else "- / ") + f"{f['first_step_s']:.2f} s"),
-      ("GFLOPs per step", lambda f: f"{f['flops']['total'] / 1e9:,.1f}"),
-      ("achieved TFLOP/s", lambda f: f"{f['achieved_flops_per_s'] / 1e12:.3f}"),
+      ("GFLOPs per step", lambda f: "-" if not f["flops"] else
+       f"{f['flops']['total'] / 1e9:,.1f} ({f['flops']['source'].split(' ')[0]})"),
+      ("achieved TFLOP/s", lambda f: "-" if not f["achieved_flops_per_s"] else
+       f"{f['achieved_flops_per_s'] / 1e12:.3f}"),
       ("MFU", lambda f: "-" if f["mfu"] is None else f"{100 * f['mfu']:.1f}%"),
       ("peak memory", lambda f: f"{f['peak_memory']['bytes'] / GiB:.2f} GiB"),
       ("parameters", lambda f: f"{f['params']:,}"),
@@ -650,7 +504,7 @@ def format_table(result: dict[str, Any]) -> str:
   width = max(len(r[0]) for r in rows) + 2
   colw = max(24, *(len(c[1]["name"]) + 2 for c in cols))
   d = result["device"]
-  lines = [f"{result['preset']} {result['objective']}: batch {result['batch_size']} x "
+  lines = [f"{result['preset']} {result['objectives']}: batch {result['batch_size']} x "
            f"{result['seq_len']}, {result['dtype']}, {d['num_devices']} x {d['device_kind']} "
            f"({d['platform']}), load average {result['load_average']}"]
   lines.append(" " * width + "".join(c[0].ljust(colw) for c in cols))
@@ -674,7 +528,7 @@ def main(argv):
     # Share the GPU with torch: JAX would otherwise reserve 75% of it at start-up.
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   config = FLAGS.config
-  result = run(config, peer=FLAGS.peer, objective=FLAGS.objective, steps=FLAGS.steps,
+  result = run(config, peer=FLAGS.peer, objectives=FLAGS.objectives, steps=FLAGS.steps,
                warmup=FLAGS.warmup, round_steps=FLAGS.round_steps,
                batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
                torch_threads=FLAGS.torch_threads)

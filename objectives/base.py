@@ -124,6 +124,18 @@ class Objective(abc.ABC):
     del config
 
   @classmethod
+  def for_seq_len(cls, config: Any, seq_len: int) -> None:
+    """Adjusts config.<name>, in place, to a new data.seq_len where the presets size it by
+    the length (a prediction budget). Default: nothing."""
+    del config, seq_len
+
+  def torch_peer(self) -> str | None:
+    """The transformers model launch/benchmark.py times beside this objective, as
+    "module:function" of a builder (objectives/torch_peers.py); the objectives of a run
+    must name the same one. None: no PyTorch peer."""
+    return None
+
+  @classmethod
   def section(cls, config: Any) -> Any:
     """config.<name> as the typed, validated `Config` dataclass."""
     return section_from(cls.Config, config[cls.name], cls.name)

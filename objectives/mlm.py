@@ -142,8 +142,16 @@ class MaskedLM(Objective):
   def special(self) -> SpecialIds:
     return self.masked.special
 
+  @classmethod
+  def for_seq_len(cls, config, seq_len):
+    c = config[cls.name]
+    c.max_predictions = max(20, round(seq_len * c.rate + 0.5))
+
   def view(self):
     return self.masked
+
+  def torch_peer(self):
+    return "objectives.torch_peers:bert"
 
   def head(self, encoder_config, name):
     return MLMHeadOnPositions(encoder_config, predict_all=self.predict_all, name=name)

@@ -72,6 +72,9 @@ class SentencePairObjective(Objective):
   def view(self):
     return self.masked if self.masked is not None else CLEAN
 
+  def torch_peer(self):  # BertForPreTraining's pooler + 2-way head, with MLM
+    return "objectives.torch_peers:bert"
+
   def head(self, encoder_config, name):
     return PairClassifierHead(encoder_config, name=name)
 

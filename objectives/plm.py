@@ -158,6 +158,11 @@ class PermutationLM(Objective):
 
   runs_encoder = True  # two streams over the clean ids
 
+  @classmethod
+  def for_seq_len(cls, config, seq_len):
+    c = config[cls.name]
+    c.max_predictions = max(20, round(seq_len / c.partial_k + 0.5))
+
   def corrupt(self, clean, key):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(clean["example_id"])
     return jax.vmap(sample_permutation, in_axes=(0, 0, 0, 0, None))(

@@ -167,6 +167,14 @@ class ReplacedTokenDetection(Objective):
 
   runs_encoder = True  # the generator reads its masked ids, the encoder its samples
 
+  @classmethod
+  def for_seq_len(cls, config, seq_len):
+    c = config[cls.name]
+    c.max_predictions = max(20, round(seq_len * c.rate + 0.5))
+
+  def torch_peer(self):
+    return "objectives.torch_peers:electra"
+
   def generator(self, encoder_config: EncoderConfig) -> EncoderConfig:
     return generator_config(encoder_config, self.generator_size, self.generator_layers)
 
