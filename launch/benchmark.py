@@ -480,13 +480,10 @@ def warm_up(step_fn, n: int) -> float:
   return first
 
 
-def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warmup: int = 2,
-        round_steps: int = 5, batch_size: int | None = None, seq_len: int | None = None,
-        torch_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs the benchmark and returns the results dict (what --out writes)."""
-  import jax
-  from bert_jax import flops
-
+def bench_config(config, objective: str = "mlm", batch_size: int | None = None,
+                 seq_len: int | None = None):
+  """A resolved copy of `config` at this batch size and length (the preset's masking
+  budget rescaled to the length), checked for `objective`; returns (config, objective)."""
   if objective not in OBJECTIVES:
     raise ValueError(f"--objective {objective!r}: available {sorted(OBJECTIVES)}")
   bench = OBJECTIVES[objective]
@@ -503,6 +500,25 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
   if seq_len > config.model.max_position_embeddings:
     raise ValueError(f"seq_len {seq_len} > model.max_position_embeddings "
                      f"{config.model.max_position_embeddings}")
+  return config, bench
+
+
+def cudnn_attention_calls(compiled) -> list[str]:
+  """The cuDNN fused-attention custom calls in a compiled step (forward and backward):
+  `attention_impl=auto` falls back to XLA's kernel silently, so say which one ran."""
+  import re
+  return sorted(set(re.findall(r"__cudnn\$fmha\w*", compiled.as_text())))
+
+
+def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warmup: int = 2,
+        round_steps: int = 5, batch_size: int | None = None, seq_len: int | None = None,
+        torch_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the benchmark and returns the results dict (what --out writes)."""
+  import jax
+  from bert_jax import flops
+
+  config, bench = bench_config(config, objective, batch_size, seq_len)
+  batch_size, seq_len = int(config.train.batch_size), int(config.data.seq_len)
 
   device = jax.devices()[0]
   dtype = str(config.model.dtype)
@@ -511,7 +527,8 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
       "objective": objective, "objectives": config.objectives,
       "preset": f"{config.family},{config.size}", "batch_size": batch_size, "seq_len": seq_len,
       "dtype": dtype, "predict_all": bool(config.mlm.predict_all),
-      "attention_impl": config.model.attention_impl, "remat": config.model.remat,
+      "attention_impl": config.model.attention_impl,
+      "attention_dropout": float(config.model.attention_dropout), "remat": config.model.remat,
       "steps": steps, "warmup": warmup,
       "device": {"platform": device.platform, "device_kind": device.device_kind,
                  "num_devices": mesh_size(config), "host": platform.node(),
@@ -592,6 +609,7 @@ def run(config, *, peer: str = "", objective: str = "mlm", steps: int = 20, warm
   r["compile_s"] = ours.compile_s
   r["memory"] = ours.memory
   r["xla_flops_per_device_step"] = flops.xla_flops(ours.compiled)
+  r["cudnn_attention_calls"] = cudnn_attention_calls(ours.compiled)
   r["peak_memory"] = _peak_memory_jax(device, ours_peak_rss)
   result["ours"] = r
 
@@ -663,6 +681,8 @@ def format_table(result: dict[str, Any]) -> str:
   if mem.get("total_bytes"):
     lines.append(f"ours, compiled step per device: {mem['total_bytes'] / GiB:.3f} GiB "
                  f"(temporaries {mem['temp_bytes'] / GiB:.3f} GiB)")
+  lines.append("ours, cuDNN fused attention: " + (", ".join(
+      result["ours"].get("cudnn_attention_calls") or []) or "none (XLA / explicit attention)"))
   if "ratio_tokens_per_s" in result:
     lines.append(f"ratio ours/peer tokens/s: {result['ratio_tokens_per_s']:.2f}x")
   return "\n".join(lines)
