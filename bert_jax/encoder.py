@@ -337,10 +337,14 @@ class SelfAttention(nn.Module):
         dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=False)
       ctx = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), v)
     else:
-      attend = functools.partial(jax.nn.dot_product_attention, q, k, v,
-                                 bias=None if bias is None else bias.astype(dtype), mask=mask)
       impl = fused_attention_impl(cfg.attention_impl, jax.default_backend(), q.dtype,
                                   q.shape[-1])
+      if impl == "cudnn":
+        # jax turns the mask into a cuDNN bias and requires its last two dims to be
+        # [Lq, Lk]: a [B, 1, 1, Lk] key mask would raise (and "auto" fall back to XLA).
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+      attend = functools.partial(jax.nn.dot_product_attention, q, k, v,
+                                 bias=None if bias is None else bias.astype(dtype), mask=mask)
       try:
         ctx = attend(implementation=impl)
       except (NotImplementedError, RuntimeError, ValueError):

@@ -325,16 +325,10 @@ def warm_up(step_fn, n: int) -> float:
   return first
 
 
-def run(config, *, peer: str = "", objectives: str = "", steps: int = 20, warmup: int = 2,
-        round_steps: int = 5, batch_size: int | None = None, seq_len: int | None = None,
-        torch_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs the benchmark and returns the results dict (what --out writes). `objectives`
-  replaces config.objectives when given."""
-  import jax
-  import objectives as objectives_lib
-  from bert_jax import flops
-  from bert_jax.budget import stand_in_special
-
+def bench_config(config, objectives: str = "", batch_size: int | None = None,
+                 seq_len: int | None = None):
+  """A resolved copy of `config` at this batch size and length (the objectives' prediction
+  budgets rescaled to the length), with `objectives` replacing config.objectives if given."""
   config = config.copy_and_resolve_references()
   if objectives:
     config.objectives = objectives
@@ -347,6 +341,28 @@ def run(config, *, peer: str = "", objectives: str = "", steps: int = 20, warmup
   if seq_len > config.model.max_position_embeddings:
     raise ValueError(f"seq_len {seq_len} > model.max_position_embeddings "
                      f"{config.model.max_position_embeddings}")
+  return config
+
+
+def cudnn_attention_calls(compiled) -> list[str]:
+  """The cuDNN fused-attention custom calls in a compiled step (forward and backward):
+  `attention_impl=auto` falls back to XLA's kernel silently, so say which one ran."""
+  import re
+  return sorted(set(re.findall(r"__cudnn\$fmha\w*", compiled.as_text())))
+
+
+def run(config, *, peer: str = "", objectives: str = "", steps: int = 20, warmup: int = 2,
+        round_steps: int = 5, batch_size: int | None = None, seq_len: int | None = None,
+        torch_threads: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the benchmark and returns the results dict (what --out writes). `objectives`
+  replaces config.objectives when given."""
+  import jax
+  import objectives as objectives_lib
+  from bert_jax import flops
+  from bert_jax.budget import stand_in_special
+
+  config = bench_config(config, objectives, batch_size, seq_len)
+  batch_size, seq_len = int(config.train.batch_size), int(config.data.seq_len)
   names = [n for n, _ in objectives_lib.parse_spec(config.objectives)]
   if peer:  # refused before anything compiles
     peer_builder(objectives_lib.build(config, stand_in_special(config.model.vocab_size)))
@@ -359,7 +375,8 @@ def run(config, *, peer: str = "", objectives: str = "", steps: int = 20, warmup
       "objective_config": {n: config[n].to_dict() for n in names if n in config},
       "preset": f"{config.family},{config.size}", "batch_size": batch_size, "seq_len": seq_len,
       "dtype": dtype,
-      "attention_impl": config.model.attention_impl, "remat": config.model.remat,
+      "attention_impl": config.model.attention_impl,
+      "attention_dropout": float(config.model.attention_dropout), "remat": config.model.remat,
       "steps": steps, "warmup": warmup,
       "device": {"platform": device.platform, "device_kind": device.device_kind,
                  "num_devices": mesh_size(config), "host": platform.node(),
@@ -444,6 +461,7 @@ def run(config, *, peer: str = "", objectives: str = "", steps: int = 20, warmup
   r["compile_s"] = ours.compile_s
   r["memory"] = ours.memory
   r["xla_flops_per_device_step"] = per_device
+  r["cudnn_attention_calls"] = cudnn_attention_calls(ours.compiled)
   r["peak_memory"] = _peak_memory_jax(device, ours_peak_rss)
   result["ours"] = r
 
@@ -517,6 +535,8 @@ def format_table(result: dict[str, Any]) -> str:
   if mem.get("total_bytes"):
     lines.append(f"ours, compiled step per device: {mem['total_bytes'] / GiB:.3f} GiB "
                  f"(temporaries {mem['temp_bytes'] / GiB:.3f} GiB)")
+  lines.append("ours, cuDNN fused attention: " + (", ".join(
+      result["ours"].get("cudnn_attention_calls") or []) or "none (XLA / explicit attention)"))
   if "ratio_tokens_per_s" in result:
     lines.append(f"ratio ours/peer tokens/s: {result['ratio_tokens_per_s']:.2f}x")
   return "\n".join(lines)
