@@ -1,8 +1,10 @@
 """Orbax checkpoints of the full training state plus the data iterator's position.
 
-A checkpoint is `<workdir>/checkpoints/<step>/{state,data}`: `state` is the TrainState
-(params, optimizer state, step, rng) written by every host for its shards, `data` is
-grain's per-process iterator state. Orbax writes asynchronously into a temporary
+A checkpoint is `<workdir>/checkpoints/<step>/{state,data,progress}`: `state` is the
+TrainState (params, optimizer state, step, rng) written by every host for its shards, `data`
+is grain's per-process iterator state, `progress` (optional) a JSON dict of the run's own
+bookkeeping (fine-tuning's best dev score and early-stopping count), saved with the state so
+that a resumed run continues exactly from the step it restores. Orbax writes asynchronously into a temporary
 directory and renames it when complete, so a crash mid-write never leaves a checkpoint
 that looks complete; leftover temporary directories are removed at the next start. The
 last `keep` checkpoints are kept, plus the best by eval loss. A save that fails (a full
@@ -25,6 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CHECKPOINT_DIR = "checkpoints"
+PROGRESS_ITEM = "progress"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -77,13 +80,16 @@ class Checkpointer:
     return self.manager.best_step()
 
   def save(self, step: int, state: Any, data_iterator: Any | None,
-           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+           metrics: dict[str, float] | None = None, force: bool = False,
+           progress: dict[str, Any] | None = None) -> bool:
     # orbax waits for the previous asynchronous save here anyway; waiting first attributes a
     # failure of that write to its own step.
     self.wait()
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if progress is not None:
+      items[PROGRESS_ITEM] = ocp.args.JsonSave(progress)
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                                 force=force)
@@ -113,24 +119,38 @@ class Checkpointer:
     logging.error("%s", message)
     return CheckpointSaveError(message, step, self.directory)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
-    """Restores the state onto the shardings in `abstract_state`; the iterator in place."""
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
+              with_progress: bool = False) -> Any:
+    """Restores the state onto the shardings in `abstract_state`; the iterator in place.
+
+    with_progress: returns (state, the step's progress dict, or None if it has none)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    has_progress = os.path.isdir(os.path.join(self.directory, str(step), PROGRESS_ITEM))
+    if with_progress and has_progress:
+      items[PROGRESS_ITEM] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored checkpoint %s/%d", self.directory, step)
+    if with_progress:
+      return restored["state"], (restored[PROGRESS_ITEM] if has_progress else None)
     return restored["state"]
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest_good(self, abstract_state: Any, data_iterator: Any | None
-                          ) -> tuple[Any, int] | None:
+  def restore_latest_good(self, abstract_state: Any, data_iterator: Any | None,
+                          with_progress: bool = False) -> tuple[Any, ...] | None:
     """Restores the newest checkpoint that reads back; a damaged one (truncated files, a
-    partial copy) is skipped with a warning and the one before it is used."""
+    partial copy) is skipped with a warning and the one before it is used.
+
+    Returns (state, step), or (state, step, progress) with `with_progress`; None when there
+    is no checkpoint."""
     for step in reversed(self.all_steps()):
       try:
+        if with_progress:
+          state, progress = self.restore(step, abstract_state, data_iterator, True)
+          return state, step, progress
         return self.restore(step, abstract_state, data_iterator), step
       except Exception as e:  # orbax/tensorstore raise many types for damaged files
         logging.warning("checkpoint %s/%d is unreadable (%s: %s); moved aside to %s, "

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -290,6 +290,182 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
   return sharding.make_mesh(config.mesh), sharding.logical_rules(config.sharding)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunKind:
+  """What one kind of run (pretraining, fine-tuning) gives the shared loop, `run`.
+
+  Everything else (mesh and batch checks, the ahead-of-time compiled step and its memory
+  check, restoring the newest good checkpoint or initialising, the step loop with its NaN
+  policy, logging, evaluation and checkpoint cadences and the SIGTERM checkpoint, closing)
+  is `run`'s, the same for both.
+  """
+
+  setup: Setup
+  steps: int  # the run's last step (the schedule's length)
+  sample: Batch  # a batch of the init shapes (host numpy)
+  train_spec: Callable[[Any], Batch]  # batch sharding -> ShapeDtypeStructs of the largest
+  #                                     training batch: what is compiled ahead of time
+  next_batch: Callable[[int], Batch]  # step (1-based, in order) -> its host training batch
+  # Saved in and restored from each checkpoint (grain's iterator, in place); None: the
+  # batches are a function of the step alone, which the state holds.
+  data_iterator: Any
+  initial_state: Callable[[], TrainState]  # a fresh state (a new run)
+  evaluate: Callable[[Any], dict[str, float]]  # params -> scores
+  eval_every: int
+  tokens_per_step: int
+  lr: Callable[[int], float]  # step -> learning rate of that step
+  header: Callable[[TrainState, dict], list[str]]  # (state, memory report) -> lines
+  checkpoint_every: int | None = None  # None: at evaluations (and at the end)
+  checkpoint: bool = True  # False: never write checkpoints
+  keep: int = 1
+  keep_best: bool = False  # also keep the best checkpoint by eval loss
+  async_checkpoint: bool = False
+  eval_at_start: bool = False  # evaluate the initial state of a new run (step 0)
+  # After each evaluation (before the checkpoint of that step): True stops the run there.
+  after_eval: Callable[[int, TrainState, dict], bool] = lambda step, state, scores: False
+  format_eval: Callable[[int, dict], str] | None = None
+  # The run's own bookkeeping, a JSON dict saved with each checkpoint and updated in place
+  # from the restored one (exact resume); None: none.
+  progress: dict | None = None
+  restore_progress: Callable[[dict | None], None] | None = None  # after a restore
+  stopped: Callable[[], bool] = lambda: False  # a restored run that had already ended
+  quiet: bool = False
+  close: Callable[[], None] = lambda: None
+
+
+@dataclasses.dataclass
+class LoopResult:
+  start: int  # the step this invocation started from
+  last_step: int  # the last step it ran (start when it ran none)
+  first_eval: dict[str, float] | None
+  last_eval: dict[str, float] | None
+  checkpoint_dir: str
+  metrics_file: str
+  elapsed_s: float  # of the step loop
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        make_kind: Callable[..., RunKind], stop_after: int | None = None) -> LoopResult:
+  """The one training loop: `make_kind(config, workdir, mesh, rules)` says what is trained
+  on what; resumes from the newest readable checkpoint in `workdir`.
+
+  `stop_after` ends this invocation after that step with a checkpoint, as a preemption
+  would; launching again continues the same run (same schedule, data order and masks).
+  """
+  workdir = os.path.abspath(workdir)
+  prepare_workdir(config, workdir)
+  mesh, rules = mesh_and_rules(config)
+  kind = make_kind(config, workdir, mesh, rules)
+  setup = kind.setup
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  abstract, shardings = state_shardings(setup, config.seed, kind.sample, mesh, rules)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=kind.keep, keep_best=kind.keep_best,
+                                     async_save=kind.async_checkpoint)
+  try:
+    with sharding.activate(mesh, rules):
+      # Compiled from shapes alone, before any state exists, so that a step that cannot fit
+      # in device memory is refused with the figures instead of failing mid-allocation.
+      jitted = jax.jit(functools.partial(train_step, setup=setup),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, None), donate_argnums=(0,))
+      spec = kind.train_spec(batch_sharding)
+      compiled = jitted.lower(abstract, spec).compile()
+    memory = memory_lib.report_memory(compiled, mesh)
+    memory_lib.check_fits(memory, jax.local_devices()[0])
+    spec_shapes = {k: (v.shape, v.dtype) for k, v in spec.items()}
+
+    def p_train(state, batch):  # other shapes (dynamic padding): compiled when first seen
+      same = {k: (v.shape, v.dtype) for k, v in batch.items()} == spec_shapes
+      with sharding.activate(mesh, rules):
+        return compiled(state, batch) if same else jitted(state, batch)
+
+    restored = ckpt.restore_latest_good(abstract, kind.data_iterator,
+                                        with_progress=kind.progress is not None)
+    if restored is not None:
+      state, start = restored[0], restored[1]
+      if kind.restore_progress is not None:
+        kind.restore_progress(restored[2])
+      logging.info("resumed from step %d", start)
+    else:
+      state, start = kind.initial_state(), 0
+  except BaseException:
+    ckpt.close()
+    kind.close()
+    raise
+
+  def evaluate(params) -> dict[str, float]:
+    with sharding.activate(mesh, rules):
+      return kind.evaluate(params)
+
+  format_eval = kind.format_eval or (lambda step, values: _format("eval", step, values))
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(kind.steps, start, kind.tokens_per_step,
+                                  enabled=False if kind.quiet else None)
+  for line in kind.header(state, memory):
+    progress.write(line)
+  first_eval = last_eval = None
+  pending: list[dict] = []
+  nan_policy = setup.nan_policy
+  step = start
+  t_start = time.perf_counter()
+  preempted = {"signal": 0}
+  previous_handler = _on_sigterm(preempted)
+  try:
+    if start == 0 and kind.steps > 0 and kind.eval_at_start:
+      first_eval = evaluate(state.params)
+      writer.write(0, "eval", first_eval)
+      progress.write(format_eval(0, first_eval))
+    last = kind.steps if stop_after is None else min(kind.steps, stop_after)
+    every = kind.checkpoint_every or kind.eval_every
+    stop = kind.stopped()
+    for step in range(start + 1, last + 1) if not stop else ():
+      state, m = p_train(state, to_global(kind.next_batch(step), batch_sharding))
+      pending.append(m)
+      if preempted["signal"] or step % every == 0:
+        _check_finite(pending, step, nan_policy)
+      evaluating = step % kind.eval_every == 0 or step == kind.steps
+      if evaluating:  # no evaluation (nor best checkpoint) of a poisoned state
+        _check_finite(pending, step, nan_policy)
+      if step % config.train.log_every == 0 or step == last:
+        _check_finite(pending, step, nan_policy)
+        values = metrics_lib.reduce_metrics(pending)
+        pending = []
+        rate = progress.update(step, values["loss"])
+        writer.write(step, "train", dict(values, tokens_per_second=rate,
+                                         learning_rate=kind.lr(step)))
+      if evaluating:
+        last_eval = evaluate(state.params)
+        writer.write(step, "eval", last_eval)
+        stop = kind.after_eval(step, state, last_eval)
+        progress.write(format_eval(step, last_eval))
+      if kind.checkpoint and (step % every == 0 or step == last or stop
+                              or preempted["signal"]):
+        _check_finite(pending, step, nan_policy)
+        ckpt.save(step, state, kind.data_iterator, force=bool(preempted["signal"]) or stop,
+                  metrics={"eval/loss": last_eval["loss"]}
+                  if kind.keep_best and last_eval else None,
+                  progress=dict(kind.progress) if kind.progress is not None else None)
+      if preempted["signal"]:
+        progress.write(f"received signal {preempted['signal']}: "
+                       + (f"checkpointed step {step}" if kind.checkpoint
+                          else f"stopped at step {step} (checkpoints are off)")
+                       + ", exiting; relaunch the same command to resume")
+        break
+      if stop:
+        break
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    progress.close()
+    try:
+      ckpt.close()
+    finally:
+      kind.close()
+      writer.close()
+  return LoopResult(start=start, last_step=step, first_eval=first_eval, last_eval=last_eval,
+                    checkpoint_dir=ckpt.directory, metrics_file=writer.path,
+                    elapsed_s=time.perf_counter() - t_start)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> RunSummary:
   """Pretrain with the config's objectives; resumes if `workdir` holds a checkpoint.
@@ -297,8 +473,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `stop_after` ends this invocation after that step with a checkpoint, as a preemption
   would; launching again continues the same run (same schedule, data order and masks).
   """
-  from bert_jax.data import pipeline, tokenizer as tokenizer_lib
-
   workdir = os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
   if (os.path.isfile(os.path.join(workdir, "hf", "config.json")) and os.path.isdir(ckpt_dir)
@@ -309,9 +483,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f"{workdir} holds a checkpoint imported from Hugging Face (parameters, no optimizer "
         "state): fine-tune it (launch.finetune --config.init=WORKDIR), use it as a "
         "distillation teacher or export it; pretraining cannot continue in that workdir.")
-  prepare_workdir(config, workdir)
+  result = run(config, workdir, pretraining, stop_after)
   tc = config.train
-  mesh, rules = mesh_and_rules(config)
+  done = max(tc.steps - result.start, 0)
+  plot = metrics_lib.plot_losses(workdir) if jax.process_index() == 0 else None
+  elapsed = result.elapsed_s
+  return RunSummary(
+      workdir=workdir, steps=tc.steps, first_eval=result.first_eval,
+      last_eval=result.last_eval, checkpoint_dir=result.checkpoint_dir,
+      metrics_file=result.metrics_file, plot=plot,
+      tokens_per_second=(done * tc.batch_size * config.data.seq_len / elapsed
+                         if elapsed > 0 else 0.0))
+
+
+def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) -> RunKind:
+  """Pretraining as a RunKind: the config's objectives on the corpus's packed examples,
+  batches from grain's iterator (saved with each checkpoint)."""
+  from bert_jax.data import pipeline, tokenizer as tokenizer_lib
+
+  tc = config.train
   divisor = sharding.batch_divisor(mesh, rules)
   if (tc.batch_size // tc.grad_accum) % divisor or tc.batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={tc.batch_size} (per micro-batch "
@@ -342,105 +532,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_data = pipeline.eval_batches(eval_ds, batch_size=per_host, num_batches=tc.eval_batches,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
-
   batch_sharding = sharding.batch_sharding(mesh, rules)
   sample = dummy_batch(tc.batch_size, config.data.seq_len, kind)
-  abstract, shardings = state_shardings(setup, config.seed, sample, mesh, rules)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep, keep_best=tc.keep_best,
-                                     async_save=tc.async_checkpoint)
   with sharding.activate(mesh, rules):
-    # Compiled from shapes alone, before any state exists, so that a step that cannot fit
-    # in device memory is refused with the figures instead of failing mid-allocation.
-    p_train = jax.jit(functools.partial(train_step, setup=setup),
-                      in_shardings=(shardings, batch_sharding),
-                      out_shardings=(shardings, None), donate_argnums=(0,)).lower(
-                          abstract, batch_spec(train_ds, tc.batch_size, batch_sharding)
-                      ).compile()
     p_eval = jax.jit(functools.partial(eval_step, setup=setup))
-  memory = memory_lib.report_memory(p_train, mesh)
-  memory_lib.check_fits(memory, jax.local_devices()[0])
-
-  restored = ckpt.restore_latest_good(abstract, data_iter)
-  if restored is not None:
-    state, start = restored
-    logging.info("resumed from step %d", start)
-  else:
-    state, _ = init_state(setup, config.seed, sample, mesh, rules)
-    start = 0
-  n_params = count_params(state.params)
-  n_encoder = count_params(state.params["encoder"])
-
   eval_base = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
 
   def evaluate(params) -> dict[str, float]:
-    with sharding.activate(mesh, rules):
-      ms = [p_eval(params, to_global(with_epoch(b), batch_sharding),
-                   jax.random.fold_in(eval_base, i)) for i, b in enumerate(eval_data)]
+    ms = [p_eval(params, to_global(with_epoch(b), batch_sharding),
+                 jax.random.fold_in(eval_base, i)) for i, b in enumerate(eval_data)]
     return metrics_lib.reduce_metrics(ms)
 
-  writer = metrics_lib.MetricWriter(workdir)
-  tokens_per_step = tc.batch_size * config.data.seq_len
-  progress = metrics_lib.Progress(tc.steps, start, tokens_per_step)
-  progress.write(f"model: {n_params:,} parameters ({n_encoder:,} in the encoder); "
-                 f"objectives {config.objectives}; mesh {dict(mesh.shape)}; "
-                 f"{len(train_ds):,} training examples of {config.data.seq_len} tokens")
-  progress.write(memory_lib.format_report(memory))
-  note = static_pairs_note(kind, len(train_ds), tc.steps * tc.batch_size,
-                           int(config.data.get("dupe_factor", 1) or 1))
-  if note:
-    progress.write(f"warning: {note}")
-    logging.warning(note)
-  first_eval = last_eval = None
-  if start == 0 and tc.steps > 0:
-    first_eval = evaluate(state.params)
-    writer.write(0, "eval", first_eval)
-    progress.write(_format("eval", 0, first_eval))
+  def header(state, memory) -> list[str]:
+    n_params = count_params(state.params)
+    n_encoder = count_params(state.params["encoder"])
+    lines = [f"model: {n_params:,} parameters ({n_encoder:,} in the encoder); "
+             f"objectives {config.objectives}; mesh {dict(mesh.shape)}; "
+             f"{len(train_ds):,} training examples of {config.data.seq_len} tokens",
+             memory_lib.format_report(memory)]
+    note = static_pairs_note(kind, len(train_ds), tc.steps * tc.batch_size,
+                             int(config.data.get("dupe_factor", 1) or 1))
+    if note:
+      lines.append(f"warning: {note}")
+      logging.warning(note)
+    return lines
 
-  pending: list[dict] = []
-  rate = 0.0
-  t_start = time.perf_counter()
-  preempted = {"signal": 0}
-  previous_handler = _on_sigterm(preempted)
-  try:
-    last = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    for step in range(start + 1, last + 1):
-      batch = to_global(next(data_iter), batch_sharding)
-      with sharding.activate(mesh, rules):
-        state, m = p_train(state, batch)
-      pending.append(m)
-      if preempted["signal"] or step % tc.checkpoint_every == 0:
-        _check_finite(pending, step, setup.nan_policy)
-      if step % tc.log_every == 0 or step == last:
-        _check_finite(pending, step, setup.nan_policy)
-        values = metrics_lib.reduce_metrics(pending)
-        pending = []
-        rate = progress.update(step, values["loss"])
-        writer.write(step, "train", dict(values, tokens_per_second=rate,
-                                         learning_rate=_lr(config, step)))
-      if step % tc.eval_every == 0 or step == tc.steps:
-        last_eval = evaluate(state.params)
-        writer.write(step, "eval", last_eval)
-        progress.write(_format("eval", step, last_eval))
-      if step % tc.checkpoint_every == 0 or step == last or preempted["signal"]:
-        _check_finite(pending, step, setup.nan_policy)
-        ckpt.save(step, state, data_iter, force=bool(preempted["signal"]),
-                  metrics={"eval/loss": last_eval["loss"]} if last_eval else None)
-      if preempted["signal"]:
-        progress.write(f"received signal {preempted['signal']}: checkpointed step {step}, "
-                       "exiting; relaunch the same command to resume")
-        break
-  finally:
-    signal.signal(signal.SIGTERM, previous_handler)
-    progress.close()
-    ckpt.close()
-    writer.close()
-  elapsed = time.perf_counter() - t_start
-  done = max(tc.steps - start, 0)
-  plot = metrics_lib.plot_losses(workdir) if jax.process_index() == 0 else None
-  return RunSummary(
-      workdir=workdir, steps=tc.steps, first_eval=first_eval, last_eval=last_eval,
-      checkpoint_dir=ckpt.directory, metrics_file=writer.path, plot=plot,
-      tokens_per_second=done * tokens_per_step / elapsed if elapsed > 0 else 0.0)
+  return RunKind(
+      setup=setup, steps=int(tc.steps), sample=sample,
+      train_spec=lambda bs: batch_spec(train_ds, tc.batch_size, bs),
+      next_batch=lambda step: next(data_iter), data_iterator=data_iter,
+      initial_state=lambda: init_state(setup, config.seed, sample, mesh, rules)[0],
+      evaluate=evaluate, eval_every=int(tc.eval_every),
+      tokens_per_step=tc.batch_size * config.data.seq_len,
+      lr=lambda step: _lr(config, step), header=header,
+      checkpoint_every=int(tc.checkpoint_every), keep=tc.keep, keep_best=tc.keep_best,
+      async_checkpoint=tc.async_checkpoint, eval_at_start=True)
 
 
 def _on_sigterm(flag: dict):

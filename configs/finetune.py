@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=32, eval_batch_size=64, epochs=3.0, steps=0,  # steps > 0 overrides epochs
       grad_accum=1, log_every=50, eval_every=0,  # 0 = once per epoch
       patience=0,  # early stopping: evaluations without a better main metric; 0 = off
-      save_best=True, checkpoint=True))
+      save_best=True, checkpoint=True,
+      nan_policy="stop"))  # stop | skip (drop the update of a non-finite step, count it)
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, warmup_ratio=0.1, warmup_steps=-1,  # warmup_steps >= 0 overrides the ratio
       schedule="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,

@@ -1,8 +1,10 @@
-"""finetune(config, workdir): the pretraining loop's pieces driving a downstream task.
+"""finetune(config, workdir): the pretraining loop (`train.run`) driving a downstream task.
 
 The task is an objective (bert_jax.finetune.tasks), so the state, its shardings, the
-jitted step (with gradient accumulation and donation) and the checkpoints are
-`bert_jax.train`'s and `bert_jax.checkpoint`'s. What fine-tuning adds: the encoder restored
+jitted step (with gradient accumulation and donation), the loop (NaN policy, SIGTERM
+checkpoint, memory check, damaged-checkpoint recovery, exact resume) and the checkpoints
+are `bert_jax.train`'s and `bert_jax.checkpoint`'s; `finetuning` is the `train.RunKind`
+that says what differs. What fine-tuning adds: the encoder restored
 from a pretraining run, host-side batches of dynamic length, dev scores computed on the
 host from the model's outputs, the best dev checkpoint (WORKDIR/best) with its predictions
 (WORKDIR/predictions_dev.jsonl), early stopping, and layer-wise learning-rate decay.
@@ -12,9 +14,7 @@ Launching the same command on an existing workdir resumes it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import logging
 import math
 import os
 import time
@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import optim, sharding, train
 from bert_jax.finetune import batching, features as features_lib, predictions, readers
@@ -146,10 +147,13 @@ def _to_host(tree):
 
 def build(config, init: restore.Init, n_out: int, total_steps: int):
   task = TaskObjective(config.task.kind, n_out, config.model.classifier_dropout)
-  model = PretrainModel(init.encoder_config, (task,))
+  composition = objectives_lib.compose((objectives_lib.WeightedObjective(task, 1.0),))
+  model = PretrainModel(init.encoder_config, composition)
   tx = make_optimizer(config, total_steps, init.encoder_config)
-  return train.Setup(model, (objectives_lib.WeightedObjective(task, 1.0),), tx,
-                     int(config.train.grad_accum))
+  policy = config.train.nan_policy
+  if policy not in train.NAN_POLICIES:
+    raise ValueError(f"train.nan_policy: {policy!r} is not one of {train.NAN_POLICIES}")
+  return train.Setup(model, composition, tx, int(config.train.grad_accum), policy)
 
 
 def dummy_batch(kind: str, n_out: int, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -228,14 +232,45 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False
-             ) -> Summary:
-  """Fine-tunes config.init (or a random init) on config.task; resumes `workdir`."""
+def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False,
+             stop_after: int | None = None) -> Summary:
+  """Fine-tunes config.init (or a random init) on config.task; resumes `workdir`.
+
+  The loop is pretraining's (`train.run`): the NaN policy, the SIGTERM checkpoint, the
+  memory check, recovery from a damaged checkpoint and exact resume hold here too.
+  `stop_after` ends this invocation after that step with a checkpoint (as a preemption).
+  """
   t0 = time.perf_counter()
   workdir = os.path.abspath(workdir)
-  train.prepare_workdir(config, workdir)
+  made: dict[str, Any] = {}
+
+  def make(config, workdir, mesh, rules):
+    made.update(finetuning(config, workdir, mesh, rules, quiet=quiet))
+    return made["kind"]
+
+  result = train.run(config, workdir, make, stop_after)
+  track = made["track"]
+  summary = Summary(
+      workdir=workdir, task=config.task.name, init=made["init"].description,
+      steps=result.last_step, best_step=track["best_step"], best=track["best_scores"],
+      last=track["last_scores"], main_metric=config.task.main_metric,
+      stopped_early=track["stopped_early"],
+      predictions_file=os.path.join(workdir, PREDICTIONS_FILE),
+      elapsed_s=time.perf_counter() - t0)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, RESULTS_FILE), dataclasses.asdict(summary))
+  return summary
+
+
+def finetuning(config: ml_collections.ConfigDict, workdir: str, mesh, rules, *,
+               quiet: bool = False) -> dict[str, Any]:
+  """Fine-tuning as a `train.RunKind`: {"kind", "track" (the progress it keeps: best dev
+  score and step, early stopping), "init"}.
+
+  The epoch's batches are a function of (seed, epoch) and the step of the state, so the
+  data position needs no checkpoint of its own; `track` is saved with every checkpoint.
+  """
   tc = config.train
-  mesh, rules = train.mesh_and_rules(config)
   divisor = sharding.batch_divisor(mesh, rules) * jax.process_count()
   for name, size in (("batch_size / grad_accum", tc.batch_size // tc.grad_accum),
                      ("eval_batch_size", tc.eval_batch_size)):
@@ -266,55 +301,53 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
   setup = build(config, init, n_out, total)
   seq_len = int(config.data.seq_len)
   pad_id = tok.pad_id
+  main = config.task.main_metric
 
-  def make_batch(feats, idx, batch_size):
+  def make_batch(feats, idx, batch_size, length=None):
     chosen = [feats[i] for i in idx]
     longest = max(batching.feature_length(f) for f in chosen)
-    length = batching.bucket_length(longest, seq_len, config.data.pad_multiple,
-                                    config.data.dynamic_padding)
+    if length is None:
+      length = batching.bucket_length(longest, seq_len, config.data.pad_multiple,
+                                      config.data.dynamic_padding)
     return batching.collate(chosen, length, batch_size, pad_id)
 
+  def train_spec(batch_sharding):
+    """The largest training batch (seq_len long): what the memory check compiles."""
+    b = make_batch(train_split.feats.features, range(tc.batch_size), tc.batch_size, seq_len)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+            for k, v in b.items()}
+
+  epoch_cache: dict[int, list[np.ndarray]] = {}
+
+  def next_batch(step: int) -> dict[str, np.ndarray]:
+    epoch, within = divmod(step - 1, steps_per_epoch)
+    if epoch not in epoch_cache:
+      epoch_cache.clear()
+      epoch_cache[epoch] = batching.epoch_batches(
+          train_split.lengths, tc.batch_size, config.seed, epoch, config.data.bucket,
+          config.data.bucket_batches)
+    return _host_slice(make_batch(train_split.feats.features, epoch_cache[epoch][within],
+                                  tc.batch_size))
+
   sample = dummy_batch(kind, n_out, divisor, seq_len)
-  abstract, shardings = train.state_shardings(setup, config.seed, sample, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, keep_best=False, async_save=False)
-  best_ckpt = (checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1,
-                                           keep_best=False, async_save=False)
-               if tc.save_best else None)
-  progress_path = os.path.join(workdir, PROGRESS_FILE)
-  start = ckpt.latest_step()
-  track = {"best_step": None, "best": None, "best_scores": {}, "last_scores": {},
-           "since_best": 0, "stopped_early": False}
-  if start is not None:
-    state = ckpt.restore(start, abstract, None)
-    if os.path.exists(progress_path):
-      with open(progress_path) as f:
-        track.update(json.load(f))
-    logging.info("resumed from step %d", start)
-  else:
-    state, _ = initial_state(config, init, setup, sample, mesh, rules)
-    start = 0
-
   with sharding.activate(mesh, rules):
-    p_train = jax.jit(functools.partial(train.train_step, setup=setup),
-                      in_shardings=(shardings, batch_sharding),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
-
     @jax.jit
     def p_predict(params, batch):
       out = setup.model.apply({"params": params}, batch, deterministic=True)["task"]
       _, m = setup.objectives[0].objective.loss(out, batch)
       return out, m
 
-  def evaluate(params) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  dev_rows: list[list[dict[str, Any]]] = []  # the last evaluation's prediction rows
+
+  def evaluate(params) -> dict[str, float]:
     feats = dev_split.feats.features
     outputs: list[Any] = [None] * len(feats)
     ms = []
     for idx in batching.eval_batches(dev_split.lengths, tc.eval_batch_size,
                                      sort=config.data.dynamic_padding):
       batch = make_batch(feats, idx, tc.eval_batch_size)
-      with sharding.activate(mesh, rules):
-        out, m = p_predict(params, train.to_global(_host_slice(batch), batch_sharding))
+      out, m = p_predict(params, train.to_global(_host_slice(batch), batch_sharding))
       out = _to_host(out)
       ms.append(m)
       for j, i in enumerate(idx):
@@ -327,86 +360,69 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
           outputs[i] = np.asarray(out[j], np.float32)
     scores, rows = predictions.evaluate(kind, dev_split.data.records, dev_split.feats,
                                         outputs, config.task, label_names)
-    scores = dict(scores, loss=metrics_lib.reduce_metrics(ms)["loss"])
-    return scores, rows
+    dev_rows[:] = [rows]
+    return dict(scores, loss=metrics_lib.reduce_metrics(ms)["loss"])
 
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(total, start, tc.batch_size * seq_len,
-                                  enabled=False if quiet else None)
-  main = config.task.main_metric
-  progress.write(
-      f"fine-tuning {config.task.name} ({kind}, {n_out} outputs) from {init.description}; "
-      f"{len(train_split.data.records):,} train / {len(dev_split.data.records):,} dev "
-      f"examples, {total} steps ({steps_per_epoch}/epoch), mesh {dict(mesh.shape)}, "
-      f"{train.count_params(state.params):,} parameters")
-  lr = optim.learning_rate(optimizer_config(config, total), total)
-  epoch_cache: dict[int, list[np.ndarray]] = {}
-  pending: list[dict] = []
-  step = start
-  try:
-    for step in range(start + 1, total + 1):
-      if track["stopped_early"]:
-        step -= 1
-        break
-      epoch, within = divmod(step - 1, steps_per_epoch)
-      if epoch not in epoch_cache:
-        epoch_cache = {epoch: batching.epoch_batches(
-            train_split.lengths, tc.batch_size, config.seed, epoch, config.data.bucket,
-            config.data.bucket_batches)}
-      batch = make_batch(train_split.feats.features, epoch_cache[epoch][within],
-                         tc.batch_size)
-      with sharding.activate(mesh, rules):
-        state, m = p_train(state, train.to_global(_host_slice(batch), batch_sharding))
-      pending.append(m)
-      if step % tc.log_every == 0 or step == total:
-        values = metrics_lib.reduce_metrics(pending)
-        pending = []
-        if not math.isfinite(values["loss"]):
-          raise FloatingPointError(f"non-finite training loss {values['loss']} by step {step}; "
-                                   "lower optim.lr")
-        rate = progress.update(step, values["loss"])
-        writer.write(step, "train", dict(values, tokens_per_second=rate,
-                                         learning_rate=float(lr(step - 1))))
-      if step % eval_every == 0 or step == total:
-        dev_scores, rows = evaluate(state.params)
-        writer.write(step, "eval", dev_scores)
-        track["last_scores"] = dev_scores
-        if main not in dev_scores:
-          raise ValueError(f"task.main_metric={main!r} is not among the dev scores "
-                           f"{sorted(dev_scores)} (task.metrics={config.task.metrics!r})")
-        improved = _main_is_better(main, dev_scores[main], track["best"])
-        if improved:
-          track.update(best=dev_scores[main], best_step=step, best_scores=dev_scores,
-                       since_best=0)
-          if jax.process_index() == 0:
-            _write_jsonl(os.path.join(workdir, PREDICTIONS_FILE), rows)
-          if best_ckpt is not None:
-            best_ckpt.save(step, {"step": state.step, "params": state.params}, None,
-                           force=True)
-        else:
-          track["since_best"] += 1
-          if tc.patience and track["since_best"] >= tc.patience:
-            track["stopped_early"] = True
-        progress.write(f"[dev @ step {step}] " + ", ".join(
-            f"{k}={v:.4f}" for k, v in sorted(dev_scores.items()))
-            + (" (best)" if improved else "")
+  best_ckpt = (checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1,
+                                           keep_best=False, async_save=False)
+               if tc.save_best else None)
+  progress_path = os.path.join(workdir, PROGRESS_FILE)
+  track: dict[str, Any] = {"best_step": None, "best": None, "best_scores": {},
+                           "last_scores": {}, "since_best": 0, "stopped_early": False}
+  improved = [False]  # by the last evaluation
+
+  def restore_progress(saved: dict | None) -> None:
+    if saved is None and os.path.exists(progress_path):  # a checkpoint from before
+      with open(progress_path) as f:  # progress was saved in it
+        saved = json.load(f)
+    track.update(saved or {})
+
+  def after_eval(step: int, state, scores: dict[str, float]) -> bool:
+    track["last_scores"] = scores
+    if main not in scores:
+      raise ValueError(f"task.main_metric={main!r} is not among the dev scores "
+                       f"{sorted(scores)} (task.metrics={config.task.metrics!r})")
+    improved[0] = _main_is_better(main, scores[main], track["best"])
+    if improved[0]:
+      track.update(best=scores[main], best_step=step, best_scores=scores, since_best=0)
+      if jax.process_index() == 0:
+        _write_jsonl(os.path.join(workdir, PREDICTIONS_FILE), dev_rows[0])
+      if best_ckpt is not None:
+        for s in best_ckpt.all_steps():  # saved by a run that was cut before its checkpoint
+          if s >= step:
+            best_ckpt.manager.delete(s)
+        best_ckpt.save(step, {"step": state.step, "params": state.params}, None, force=True)
+    else:
+      track["since_best"] += 1
+      if tc.patience and track["since_best"] >= tc.patience:
+        track["stopped_early"] = True
+    if jax.process_index() == 0:
+      _write_json(progress_path, track)
+    return track["stopped_early"]
+
+  def format_eval(step: int, scores: dict[str, float]) -> str:
+    return (f"[dev @ step {step}] "
+            + ", ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items()))
+            + (" (best)" if improved[0] else "")
             + (" -> early stop" if track["stopped_early"] else ""))
-        if tc.checkpoint:
-          ckpt.save(step, state, None, force=True)
-        if jax.process_index() == 0:
-          _write_json(progress_path, track)
-  finally:
-    progress.close()
-    ckpt.close()
-    if best_ckpt is not None:
-      best_ckpt.close()
-    writer.close()
-  summary = Summary(
-      workdir=workdir, task=config.task.name, init=init.description, steps=step,
-      best_step=track["best_step"], best=track["best_scores"], last=track["last_scores"],
-      main_metric=main, stopped_early=track["stopped_early"],
-      predictions_file=os.path.join(workdir, PREDICTIONS_FILE),
-      elapsed_s=time.perf_counter() - t0)
-  if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, RESULTS_FILE), dataclasses.asdict(summary))
-  return summary
+
+  def header(state, memory) -> list[str]:
+    return [f"fine-tuning {config.task.name} ({kind}, {n_out} outputs) from "
+            f"{init.description}; {len(train_split.data.records):,} train / "
+            f"{len(dev_split.data.records):,} dev examples, {total} steps "
+            f"({steps_per_epoch}/epoch), mesh {dict(mesh.shape)}, "
+            f"{train.count_params(state.params):,} parameters",
+            memory_lib.format_report(memory)]
+
+  lr = optim.learning_rate(optimizer_config(config, total), total)
+  run_kind = train.RunKind(
+      setup=setup, steps=total, sample=sample, train_spec=train_spec, next_batch=next_batch,
+      data_iterator=None,
+      initial_state=lambda: initial_state(config, init, setup, sample, mesh, rules)[0],
+      evaluate=evaluate, eval_every=eval_every, tokens_per_step=tc.batch_size * seq_len,
+      lr=lambda step: float(lr(step - 1)), header=header, checkpoint_every=None,
+      checkpoint=bool(tc.checkpoint), keep=1, keep_best=False, async_checkpoint=False,
+      eval_at_start=False, after_eval=after_eval, format_eval=format_eval, progress=track,
+      restore_progress=restore_progress, stopped=lambda: track["stopped_early"],
+      quiet=quiet, close=best_ckpt.close if best_ckpt is not None else (lambda: None))
+  return {"kind": run_kind, "track": track, "init": init}

@@ -113,7 +113,7 @@ class TaskObjective(Objective):
   dropout: float | None = None
 
   name: ClassVar[str] = "task"
-  uses_shared_forward: ClassVar[bool] = False
+  runs_encoder: ClassVar[bool] = True  # multiple choice flattens its inputs first
 
   def __post_init__(self):
     if self.kind not in KINDS:
