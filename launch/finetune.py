@@ -11,10 +11,10 @@ baseline). Launching the same command on an existing workdir resumes it.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
-from launch import config_cli
+from launch import config_cli, errors
 
 FLAGS = flags.FLAGS
 config_cli.define_config("configs/finetune.py:bundled",
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)
