@@ -29,7 +29,7 @@ import objectives as objectives_lib
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
-from bert_jax import optim, run_config, sharding
+from bert_jax import nonfinite, optim, run_config, sharding, workdir_lock
 from bert_jax.encoder import EncoderConfig
 from bert_jax.model import PretrainModel
 from objectives.base import SpecialIds
@@ -271,13 +271,15 @@ class RunSummary:
   metrics_file: str
   plot: str | None
   tokens_per_second: float
+  signal: int = 0  # the signal (SIGTERM) that ended the run early after a checkpoint
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks the config and the workdir's; config.json is written later, by
+  run_config.record_validated once the run has passed its start-up checks."""
+  run_config.validate(config)
   os.makedirs(workdir, exist_ok=True)
   run_config.check_compatible(config, workdir)
-  if jax.process_index() == 0:
-    run_config.save(config, workdir)
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):
@@ -290,6 +292,7 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
   return sharding.make_mesh(config.mesh), sharding.logical_rules(config.sharding)
 
 
+@workdir_lock.holding_workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> RunSummary:
   """Pretrain with the config's objectives; resumes if `workdir` holds a checkpoint.
@@ -319,6 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f"devices of the data axes of mesh {dict(mesh.shape)}")
 
   tokenizer = tokenizer_lib.ensure_tokenizer(config.data, workdir)
+  run_config.check_tokenizer(workdir, tokenizer)
   special = special_ids(tokenizer)
   setup = build_setup(config, special)
   check_vocab(setup.model.encoder_config, tokenizer.vocab_size)
@@ -358,8 +362,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     p_eval = jax.jit(functools.partial(eval_step, setup=setup))
   memory = memory_lib.report_memory(p_train, mesh)
   memory_lib.check_fits(memory, jax.local_devices()[0])
+  run_config.record_validated(config, workdir, tokenizer)
 
-  restored = ckpt.restore_latest_good(abstract, data_iter)
+  restored = ckpt.restore_latest_good(
+      abstract, data_iter, restart_if_unreadable=bool(tc.get("restart_if_unreadable")))
   if restored is not None:
     state, start = restored
     logging.info("resumed from step %d", start)
@@ -400,6 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.perf_counter()
   preempted = {"signal": 0}
   previous_handler = _on_sigterm(preempted)
+  guard = nonfinite.Guard(tc, start, workdir)
   try:
     last = tc.steps if stop_after is None else min(tc.steps, stop_after)
     for step in range(start + 1, last + 1):
@@ -416,6 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         rate = progress.update(step, values["loss"])
         writer.write(step, "train", dict(values, tokens_per_second=rate,
                                          learning_rate=_lr(config, step)))
+        guard.update(step, values)
       if step % tc.eval_every == 0 or step == tc.steps:
         last_eval = evaluate(state.params)
         writer.write(step, "eval", last_eval)
@@ -423,7 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % tc.checkpoint_every == 0 or step == last or preempted["signal"]:
         _check_finite(pending, step, setup.nan_policy)
         ckpt.save(step, state, data_iter, force=bool(preempted["signal"]),
-                  metrics={"eval/loss": last_eval["loss"]} if last_eval else None)
+                  metrics={"eval/loss": last_eval["loss"]} if last_eval and (
+                      step % tc.eval_every == 0 or step == tc.steps) else None)
       if preempted["signal"]:
         progress.write(f"received signal {preempted['signal']}: checkpointed step {step}, "
                        "exiting; relaunch the same command to resume")
@@ -439,7 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return RunSummary(
       workdir=workdir, steps=tc.steps, first_eval=first_eval, last_eval=last_eval,
       checkpoint_dir=ckpt.directory, metrics_file=writer.path, plot=plot,
-      tokens_per_second=done * tokens_per_step / elapsed if elapsed > 0 else 0.0)
+      tokens_per_second=done * tokens_per_step / elapsed if elapsed > 0 else 0.0,
+      signal=preempted["signal"])
 
 
 def _on_sigterm(flag: dict):

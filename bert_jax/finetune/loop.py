@@ -27,7 +27,7 @@ import optax
 
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import metrics as metrics_lib
-from bert_jax import optim, sharding, train
+from bert_jax import optim, run_config, sharding, train, workdir_lock
 from bert_jax.finetune import batching, features as features_lib, predictions, readers
 from bert_jax.finetune import restore, scores as scores_lib
 from bert_jax.finetune.tasks import POOLED_KINDS, TaskObjective
@@ -228,12 +228,14 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+@workdir_lock.holding_workdir
 def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False
              ) -> Summary:
   """Fine-tunes config.init (or a random init) on config.task; resumes `workdir`."""
   t0 = time.perf_counter()
   workdir = os.path.abspath(workdir)
   train.prepare_workdir(config, workdir)
+  scores_lib.check_metrics(config.task)
   tc = config.train
   mesh, rules = train.mesh_and_rules(config)
   divisor = sharding.batch_divisor(mesh, rules) * jax.process_count()
@@ -245,6 +247,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
 
   init = restore.load_init(config)
   tok = init.tokenizer
+  run_config.check_tokenizer(workdir, tok)
   if jax.process_index() == 0:
     tok.save(workdir)  # the fine-tuned workdir holds its tokenizer too
     _write_json(os.path.join(workdir, restore.ENCODER_CONFIG_FILE),
@@ -282,6 +285,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
                                            keep_best=False, async_save=False)
                if tc.save_best else None)
   progress_path = os.path.join(workdir, PROGRESS_FILE)
+  run_config.record_validated(config, workdir, tok)
   start = ckpt.latest_step()
   track = {"best_step": None, "best": None, "best_scores": {}, "last_scores": {},
            "since_best": 0, "stopped_early": False}
