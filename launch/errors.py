@@ -17,6 +17,7 @@ threads print a traceback per failed file when a disk is full).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from typing import Callable, NoReturn
@@ -71,34 +72,49 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
 
 
-class _QuietBackground(logging.Filter):
-  """Drops the error records of libraries' worker threads (orbax's writers, tensorstore):
-  the exception that ends the run reports the failure once."""
+class _QuietLibraries(logging.Filter):
+  """Drops the error records of orbax, tensorstore and asyncio (a failed checkpoint write
+  logs a traceback per array written, from several threads): the exception that ends the
+  run reports the failure once."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or threading.current_thread() is threading.main_thread():
+    if record.levelno < logging.ERROR:
       return True
-    return "orbax" not in record.pathname and "bert_jax" not in record.pathname
+    return not (record.name == "asyncio" or "orbax" in record.pathname
+                or "tensorstore" in record.pathname)
 
 
-def _quiet_background_threads() -> None:
-  quiet = _QuietBackground()
-  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
-    handler.addFilter(quiet)
-  logging.getLogger("absl").addFilter(quiet)
-  logging.getLogger().addFilter(quiet)
-  previous = threading.excepthook
+def _quiet_libraries() -> None:
+  quiet = _QuietLibraries()
+  for logger in (logging.getLogger(), logging.getLogger("absl"), logging.getLogger("asyncio")):
+    logger.addFilter(quiet)
+    for handler in logger.handlers:
+      handler.addFilter(quiet)
 
-  def hook(args):
-    # An uncaught exception in a writer thread: one line; the main thread reports it.
-    if args.thread is not None and "orbax" in repr(args.exc_traceback and
-                                                   args.exc_traceback.tb_frame.f_code):
-      print(f"warning: background thread {args.thread.name}: {args.exc_type.__name__}: "
-            f"{str(args.exc_value)[:200]}", file=sys.stderr)
+  def thread_hook(args):  # a worker thread's uncaught exception: one line
+    if args.exc_type is SystemExit:
       return
-    previous(args)
+    name = args.thread.name if args.thread is not None else "?"
+    print(f"warning: background thread {name}: {args.exc_type.__name__}: "
+          f"{str(args.exc_value)[:200]}", file=sys.stderr)
 
-  threading.excepthook = hook
+  def unraisable_hook(args):  # "Exception ignored in ...": a closed event loop's writers
+    del args
+
+  threading.excepthook = thread_hook
+  sys.unraisablehook = unraisable_hook
+
+
+def _exit_now(message: str, code: int) -> NoReturn:
+  """Prints the message and exits without the interpreter's shutdown, where the libraries'
+  writer threads and event loops print their own failures again."""
+  try:
+    fail(message, code, from_exception=True)
+  except SystemExit:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def run(main: Callable[[list[str]], object]) -> None:
@@ -106,7 +122,7 @@ def run(main: Callable[[list[str]], object]) -> None:
 
   def wrapped(argv):
     if not verbose():
-      _quiet_background_threads()
+      _quiet_libraries()
     try:
       return main(argv)
     except _user_errors() as e:
@@ -116,6 +132,6 @@ def run(main: Callable[[list[str]], object]) -> None:
     except _fault_errors() as e:
       if verbose():
         raise
-      fail(str(e), FAULT, from_exception=True)
+      _exit_now(str(e), FAULT)
 
   app.run(wrapped, flags_parser=_parse_flags)
