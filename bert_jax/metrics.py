@@ -7,6 +7,7 @@ here to means, so averages over many steps and devices are exact.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -16,6 +17,8 @@ import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+# Reduced as totals over the interval, not means: how many steps were skipped.
+SUMMED_METRICS = ("nonfinite_steps",)
 
 
 def reduce_metrics(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
@@ -26,7 +29,8 @@ def reduce_metrics(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     for k, (s, c) in m.items():
       sums[k] = sums.get(k, 0.0) + float(s)
       counts[k] = counts.get(k, 0.0) + float(c)
-  return {k: sums[k] / counts[k] if counts[k] else float("nan") for k in sums}
+  return {k: sums[k] if k in SUMMED_METRICS else
+          sums[k] / counts[k] if counts[k] else float("nan") for k in sums}
 
 
 class MetricWriter:
@@ -38,6 +42,8 @@ class MetricWriter:
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+      # NaN and inf are written on purpose (a skipped step shows); not a warning each time.
+      logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
@@ -48,8 +54,8 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for k, v in values.items():
-      if isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(f"{split}/{k}", v, step)
+      if isinstance(v, (int, float)):  # NaN and inf too: TensorBoard shows them as such
+        self._tb.add_scalar(f"{split}/{k}", float(v), step)
     self._tb.flush()
 
   def close(self) -> None:
@@ -83,6 +89,12 @@ def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return sorted(seen.values(), key=lambda r: (r["split"], r["step"]))
 
 
+def nonfinite_points(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
+  """(step, split) of each logged row whose loss is NaN or infinite."""
+  return [(r["step"], r["split"]) for r in rows
+          if isinstance(r.get("loss"), float) and not math.isfinite(r["loss"])]
+
+
 def plot_losses(workdir: str, out_name: str = "loss.png") -> str | None:
   """Train and eval loss (and accuracy metrics, if any) against step, as a PNG."""
   rows = latest_rows(read_metrics(workdir))
@@ -96,11 +108,18 @@ def plot_losses(workdir: str, out_name: str = "loss.png") -> str | None:
   ncols = 2 if acc_keys else 1
   fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
   ax = axes[0][0]
+  bad = nonfinite_points(rows)
   for split, style in (("train", "-"), ("eval", "o-")):
     pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and "loss" in r]
     if pts:
       s, v = zip(*pts)
       ax.plot(s, v, style, label=f"{split} loss", markersize=3)
+  if bad:  # matplotlib would leave a silent gap: mark each non-finite value at the bottom
+    finite = [r["loss"] for r in rows if "loss" in r and math.isfinite(r["loss"])
+              and r["loss"] > 0]
+    floor = min(finite) if finite else 1.0
+    ax.plot([s for s, _ in bad], [floor] * len(bad), "rx", markersize=7,
+            label=f"non-finite loss ({len(bad)} logged)")
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
   ax.set_yscale("log")

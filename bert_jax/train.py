@@ -29,7 +29,7 @@ import objectives as objectives_lib
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
-from bert_jax import optim, run_config, sharding
+from bert_jax import nonfinite, optim, run_config, sharding, workdir_lock
 from bert_jax.encoder import EncoderConfig
 from bert_jax.model import PretrainModel
 from objectives.base import SpecialIds
@@ -271,13 +271,15 @@ class RunSummary:
   metrics_file: str
   plot: str | None
   tokens_per_second: float
+  signal: int = 0  # the signal (SIGTERM) that ended the run early after a checkpoint
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks the config and the workdir's; config.json is written later, by
+  run_config.record_validated once the run has passed its start-up checks."""
+  run_config.validate(config)
   os.makedirs(workdir, exist_ok=True)
   run_config.check_compatible(config, workdir)
-  if jax.process_index() == 0:
-    run_config.save(config, workdir)
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):
@@ -331,6 +333,7 @@ class RunKind:
   stopped: Callable[[], bool] = lambda: False  # a restored run that had already ended
   quiet: bool = False
   close: Callable[[], None] = lambda: None
+  tokenizer: Any = None  # its fingerprint is recorded with config.json once validated
 
 
 @dataclasses.dataclass
@@ -342,8 +345,10 @@ class LoopResult:
   checkpoint_dir: str
   metrics_file: str
   elapsed_s: float  # of the step loop
+  signal: int = 0  # the signal (SIGTERM) that ended this invocation after a checkpoint
 
 
+@workdir_lock.holding_workdir
 def run(config: ml_collections.ConfigDict, workdir: str,
         make_kind: Callable[..., RunKind], stop_after: int | None = None) -> LoopResult:
   """The one training loop: `make_kind(config, workdir, mesh, rules)` says what is trained
@@ -372,6 +377,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       compiled = jitted.lower(abstract, spec).compile()
     memory = memory_lib.report_memory(compiled, mesh)
     memory_lib.check_fits(memory, jax.local_devices()[0])
+    run_config.record_validated(config, workdir, kind.tokenizer)
     spec_shapes = {k: (v.shape, v.dtype) for k, v in spec.items()}
 
     def p_train(state, batch):  # other shapes (dynamic padding): compiled when first seen
@@ -379,8 +385,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       with sharding.activate(mesh, rules):
         return compiled(state, batch) if same else jitted(state, batch)
 
-    restored = ckpt.restore_latest_good(abstract, kind.data_iterator,
-                                        with_progress=kind.progress is not None)
+    restored = ckpt.restore_latest_good(
+        abstract, kind.data_iterator, with_progress=kind.progress is not None,
+        restart_if_unreadable=bool(config.train.get("restart_if_unreadable", False)))
     if restored is not None:
       state, start = restored[0], restored[1]
       if kind.restore_progress is not None:
@@ -410,6 +417,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.perf_counter()
   preempted = {"signal": 0}
   previous_handler = _on_sigterm(preempted)
+  guard = nonfinite.Guard(config.train, start, workdir)
   try:
     if start == 0 and kind.steps > 0 and kind.eval_at_start:
       first_eval = evaluate(state.params)
@@ -433,6 +441,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         rate = progress.update(step, values["loss"])
         writer.write(step, "train", dict(values, tokens_per_second=rate,
                                          learning_rate=kind.lr(step)))
+        guard.update(step, values)
       if evaluating:
         last_eval = evaluate(state.params)
         writer.write(step, "eval", last_eval)
@@ -442,8 +451,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                               or preempted["signal"]):
         _check_finite(pending, step, nan_policy)
         ckpt.save(step, state, kind.data_iterator, force=bool(preempted["signal"]) or stop,
+                  # Only an eval of this very step ranks it: never a stale one.
                   metrics={"eval/loss": last_eval["loss"]}
-                  if kind.keep_best and last_eval else None,
+                  if kind.keep_best and last_eval and evaluating else None,
                   progress=dict(kind.progress) if kind.progress is not None else None)
       if preempted["signal"]:
         progress.write(f"received signal {preempted['signal']}: "
@@ -463,7 +473,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       writer.close()
   return LoopResult(start=start, last_step=step, first_eval=first_eval, last_eval=last_eval,
                     checkpoint_dir=ckpt.directory, metrics_file=writer.path,
-                    elapsed_s=time.perf_counter() - t_start)
+                    elapsed_s=time.perf_counter() - t_start, signal=preempted["signal"])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -493,7 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       last_eval=result.last_eval, checkpoint_dir=result.checkpoint_dir,
       metrics_file=result.metrics_file, plot=plot,
       tokens_per_second=(done * tc.batch_size * config.data.seq_len / elapsed
-                         if elapsed > 0 else 0.0))
+                         if elapsed > 0 else 0.0), signal=result.signal)
 
 
 def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) -> RunKind:
@@ -566,7 +576,7 @@ def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) ->
       tokens_per_step=tc.batch_size * config.data.seq_len,
       lr=lambda step: _lr(config, step), header=header,
       checkpoint_every=int(tc.checkpoint_every), keep=tc.keep, keep_best=tc.keep_best,
-      async_checkpoint=tc.async_checkpoint, eval_at_start=True)
+      async_checkpoint=tc.async_checkpoint, eval_at_start=True, tokenizer=tokenizer)
 
 
 def _on_sigterm(flag: dict):

@@ -50,7 +50,10 @@ def task_fields() -> ml_collections.ConfigDict:
       # extractive QA
       max_query_len=64, doc_stride=128, max_answer_len=30, n_best=20, version_2=False,
       null_threshold=0.0,
-      max_train_examples=0, max_dev_examples=0))  # 0 = all
+      max_train_examples=0, max_dev_examples=0,  # 0 = all
+      # records whose label is not in the label set (dev labels unseen in train): an error,
+      # unless True (then dropped, with a console warning counting them)
+      drop_unknown_labels=False))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum=1, log_every=50, eval_every=0,  # 0 = once per epoch
       patience=0,  # early stopping: evaluations without a better main metric; 0 = off
       save_best=True, checkpoint=True,
-      nan_policy="stop"))  # stop | skip (drop the update of a non-finite step, count it)
+      nan_policy="stop",  # stop | skip (drop the update of a non-finite step, count it)
+      allow_schedule_change=False))  # a resume may change steps/epochs (the lr schedule)
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, warmup_ratio=0.1, warmup_steps=-1,  # warmup_steps >= 0 overrides the ratio
       schedule="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,

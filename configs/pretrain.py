@@ -65,7 +65,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=batch, steps=steps, grad_accum=1, log_every=20, eval_every=200,
       eval_batches=8, checkpoint_every=200, keep=3, keep_best=True, async_checkpoint=True,
-      nan_policy="stop"))
+      # nan_policy stop | skip; skip stops past max_nonfinite_steps skipped steps (-1: none)
+      nan_policy="stop", max_nonfinite_steps=10,
+      # every checkpoint unreadable: start over from step 0 instead of stopping
+      restart_if_unreadable=False,
+      # a resume may change train.steps (and so the learning-rate schedule's length)
+      allow_schedule_change=False))
   c.optim = ml_collections.ConfigDict(dict(
       lr=lr, warmup_steps=warmup, schedule="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999,
       eps=1e-6, weight_decay=0.01, clip_norm=1.0))

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
 import configs
-from launch import config_cli
+from launch import config_cli, errors
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "ablate.py") + ":default"
 FLAGS = flags.FLAGS
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -39,9 +39,9 @@ import sys
 import time
 from typing import Any, Callable
 
-from absl import app, flags
+from absl import flags
 
-from launch import config_cli
+from launch import config_cli, errors
 
 FLAGS = flags.FLAGS
 
@@ -563,4 +563,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.run(main)

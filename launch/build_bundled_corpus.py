@@ -36,6 +36,8 @@ from collections.abc import Iterable, Sequence
 
 from absl import app, flags, logging
 
+from launch import errors
+
 from bert_jax.data import bundled
 
 _BIBLE = flags.DEFINE_string(
@@ -403,4 +405,4 @@ timestamp, deterministic split and sampling).
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from bert_jax import run_config
+from launch import errors
 
 
 def check_override_names(config: ml_collections.ConfigDict, argv: Sequence[str],
@@ -37,8 +38,8 @@ def check_override_names(config: ml_collections.ConfigDict, argv: Sequence[str],
                           {k.split(".")[0] for k in valid})
     close = difflib.get_close_matches(name, sorted(valid), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise SystemExit(f"error: unknown config field {name!r}.{hint} Valid fields"
-                     f"{' of ' + parent if parent else ''}: {', '.join(siblings)}")
+    errors.fail(f"unknown config field {name!r}.{hint} Valid fields"
+                f"{' of ' + parent if parent else ''}: {', '.join(siblings)}")
 
 
 def _config_spec(argv: Sequence[str], flag: str) -> str | None:
@@ -55,7 +56,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("_checked_config", path)
   if module_spec is None or not os.path.exists(path):
-    raise SystemExit(f"error: config file {path!r} not found")
+    errors.fail(f"config file {path!r} not found")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
@@ -69,6 +70,11 @@ def define_config(default: str, help_text: str, flag: str = "config") -> None:
   """
   overrides = [a for a in sys.argv[1:] if a.startswith(f"--{flag}.")]
   if overrides:
-    check_override_names(load_config_file(_config_spec(sys.argv, flag) or default), overrides,
-                         flag)
+    try:
+      config = load_config_file(_config_spec(sys.argv, flag) or default)
+    except ValueError as e:  # e.g. an unknown preset
+      if errors.verbose():
+        raise
+      errors.fail(str(e))
+    check_override_names(config, overrides, flag)
   config_flags.DEFINE_config_file(flag, default, help_text)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
+
+from launch import errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
@@ -43,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 
-from absl import app, flags
+from absl import flags
+
+from launch import errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A bert-jax workdir with checkpoints.", required=True)
@@ -44,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

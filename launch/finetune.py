@@ -11,10 +11,12 @@ baseline). Launching the same command on an existing workdir resumes it.
 
 from __future__ import annotations
 
-from absl import app, flags
+import sys
+
+from absl import flags
 from absl import logging as absl_logging
 
-from launch import config_cli
+from launch import config_cli, errors
 
 FLAGS = flags.FLAGS
 config_cli.define_config("configs/finetune.py:bundled",
@@ -35,7 +37,9 @@ def main(argv):
            f"predictions  {s.predictions_file}"]
   lines += [f"dev {k:<16s} {v:.4f}" for k, v in sorted(s.best.items())]
   print("\n".join(lines), flush=True)
+  if s.signal:  # preempted: checkpointed, not done; a scheduler must not read "done"
+    sys.exit(128 + s.signal)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

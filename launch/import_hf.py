@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 
-from absl import app, flags
+from absl import flags
+
+from launch import errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "A transformers model directory (config.json + "
@@ -49,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

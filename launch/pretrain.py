@@ -3,19 +3,23 @@ r"""Pretrain an encoder.
   python -m launch.pretrain --config configs/pretrain.py:bert,tiny --workdir runs/bert_tiny \
       [--config.train.steps=1000 --config.objectives=mlm:1.0 ...]
 
-Launching the same command on an existing workdir resumes it.
+Launching the same command on an existing workdir resumes it. Exit codes: 0 done, 2 a
+user mistake (one message; --verbose for the traceback), 1 a fault of the run (a checkpoint
+that cannot be written or read, non-finite losses), 128 + N after signal N (SIGTERM: 143)
+once the checkpoint is written.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import logging as absl_logging
 
-from absl import app, flags
+from absl import flags
 
 import configs
-from launch import config_cli
+from launch import config_cli, errors
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "pretrain.py") + ":bert,tiny"
@@ -55,7 +59,9 @@ def main(argv):
   elif summary.last_eval:
     lines += [f"eval {k:<20s} {v:.4f}" for k, v in sorted(summary.last_eval.items())]
   print("\n".join(lines), flush=True)
+  if summary.signal:  # preempted: checkpointed, not done; a scheduler must not read "done"
+    sys.exit(128 + summary.signal)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
+
+from launch import errors
 
 from bert_jax import metrics as metrics_lib
 
@@ -83,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ml_collections
 from absl import app, flags
 
+from launch import errors
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("source", "bundled", ["bundled", "text"], "Where the training text comes from.")
 flags.DEFINE_string("files", "", "--source=text: comma-separated globs of text files.")
@@ -51,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

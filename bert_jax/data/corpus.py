@@ -25,7 +25,7 @@ from bert_jax.data import sources
 from bert_jax.data import tokenizer as tokenizer_lib
 
 # Bump when the cached arrays' meaning changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: special tokens' text split off before encoding (tokenizer.py)
 # Sentences tokenized per call (the progress bar's step).
 _TOKENIZE_CHUNK = 8192
 # Below this many sentences no progress bar is shown.

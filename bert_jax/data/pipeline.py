@@ -114,6 +114,10 @@ def build_examples(
         stats["dropped_chunks"] = plan.dropped_chunks
     if len(plan) == 0:
         raise ValueError(f"The {split} corpus ({source_stats.description}) yields no example.")
+    if source_stats.skipped_non_utf8:  # every launch, from the cache too
+        logging.warning(
+            "[%s] %s lines of %s were skipped: not valid UTF-8 (the training data lacks them).",
+            split, f"{source_stats.skipped_non_utf8:,}", source_stats.description)
     result = examples_lib.Examples(corpus, plan, tokenizer, stats)
     for line in describe(result):
         logging.info("%s", line)

@@ -220,6 +220,8 @@ def _load_text(data_cfg: ml_collections.ConfigDict, split: str) -> Documents:
     for path in files:
         file_docs, read = bundled.read_documents(path)
         skipped += read.skipped_non_utf8
+        if read.skipped_non_utf8:
+            warn_non_utf8(str(path), read.skipped_non_utf8, read.lines)
         if fmt == "sentences":
             docs.extend(file_docs)
             empty += read.empty_documents_skipped
@@ -248,6 +250,17 @@ def _load_text(data_cfg: ml_collections.ConfigDict, split: str) -> Documents:
         has_document_boundaries=fmt != "plain",
         description=f"text {globs!r} ({len(files)} file(s), format {fmt!r})",
     )
+
+
+def warn_non_utf8(where: str, skipped: int, lines: int | None = None) -> str:
+    """A console warning (absl WARNING, shown by the launchers) counting dropped lines."""
+    of = f" of {lines:,}" if lines else ""
+    share = f" ({skipped / lines:.1%})" if lines else ""
+    message = (f"{where}: {skipped:,}{of} lines{share} are not valid UTF-8 and were skipped. "
+               "If the file is in another encoding, convert it (e.g. `iconv -f latin1 -t "
+               "utf-8 FILE > FILE.utf8`) and point data.*_files at the result.")
+    logging.warning("%s", message)
+    return message
 
 
 def _fingerprint_text(data_cfg: ml_collections.ConfigDict, split: str) -> Any:

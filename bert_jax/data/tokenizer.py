@@ -17,9 +17,13 @@ ALBERT's released sentencepiece models. Other sentencepiece models load too: the
 ids are then looked up by piece name (``[CLS]`` or ``<s>``-style names, see
 :class:`SentencePieceTokenizer`).
 
-The special tokens are sentencepiece *user-defined symbols*, so the literal text
-``"[MASK]"`` in a corpus encodes to the [MASK] id (as in Hugging Face tokenizers; the
-original BERT tokenizer would split it into ``[``, ``MASK``, ``]``).
+The literal text of a special token (``"[MASK]"``, ``"[SEP]"``, ...) in a corpus encodes
+to its id, and the text between special tokens is encoded on its own, exactly as a Hugging
+Face tokenizer splits off its added tokens first: ``"the [MASK] of"`` is ``▁the [MASK] ▁of``
+(what a masked position looks like in training) and the tokenizer exported by
+``bert_jax.hf.sentencepiece_to_hf`` gives the same ids. (Sentencepiece alone would emit a
+lone ``▁`` before a user-defined symbol; the original BERT tokenizer would split the text
+into ``[``, ``MASK``, ``]``.)
 
 :func:`ensure_tokenizer` is what a training run calls: it loads the configured tokenizer,
 or the one already in the workdir, or trains one from the configured corpus and keeps it
@@ -33,6 +37,7 @@ import hashlib
 import io
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 
@@ -242,6 +247,12 @@ class SentencePieceTokenizer(_TableTokenizer):
             first += 1
         self._first_regular = first
         self._special_ids = frozenset(self._ids.values())
+        # Split off before encoding, as Hugging Face does with its added tokens (longest
+        # first, so that no special is cut by a shorter one).
+        specials = sorted({self._sp.id_to_piece(i) for i in self._ids.values()}, key=len,
+                          reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, specials)))
+        self._special_of = {self._sp.id_to_piece(i): i for i in self._ids.values()}
 
     @property
     def path(self) -> pathlib.Path:
@@ -252,11 +263,64 @@ class SentencePieceTokenizer(_TableTokenizer):
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def _segments(self, text: str) -> list[tuple[int, int, int | None]]:
+        """(begin, end, special id or None) of the text between and of special tokens."""
+        out, pos = [], 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                out.append((pos, m.start(), None))
+            out.append((m.start(), m.end(), self._special_of[m.group()]))
+            pos = m.end()
+        if pos < len(text):
+            out.append((pos, len(text), None))
+        return out
+
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        if self._special_re.search(text) is None:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for b, e, special in self._segments(text):
+            ids.extend([special] if special is not None else self._sp.encode(text[b:e]))
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+        texts = list(texts)
+        plain = [i for i, t in enumerate(texts) if self._special_re.search(t) is None]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain])):
+            out[i] = ids
+        for i in sorted(set(range(len(texts))) - set(plain)):
+            out[i] = self.encode(texts[i])
+        return out
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        """(ids, [n, 2] character spans [begin, end) of each piece), ids equal to
+        :meth:`encode`. Spans exclude the whitespace a word-boundary marker stands for; a
+        piece that is only that marker gets an empty span at the next word."""
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for b, e, special in self._segments(text):
+            if special is not None:
+                ids.append(special)
+                spans.append((b, e))
+                continue
+            part = text[b:e]
+            proto = self._sp.encode_as_proto(part)
+            raw = part.encode("utf-8")
+            char_of_byte = np.zeros(len(raw) + 1, np.int64)
+            pos = 0
+            for i, ch in enumerate(part):
+                n = len(ch.encode("utf-8"))
+                char_of_byte[pos:pos + n] = i
+                pos += n
+            char_of_byte[len(raw)] = len(part)
+            for p in proto.pieces:
+                pb, pe = int(char_of_byte[p.begin]), int(char_of_byte[p.end])
+                while pb < pe and part[pb].isspace():
+                    pb += 1
+                ids.append(p.id)
+                spans.append((b + pb, b + pe))
+        return ids, np.asarray(spans, np.int64).reshape(-1, 2)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         # sentencepiece renders user-defined symbols as their text; padding is dropped.
@@ -515,8 +579,9 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
             existing = load_tokenizer(in_workdir)
             if existing.fingerprint != tok.fingerprint:
                 raise ValueError(
-                    f"{in_workdir} differs from the configured tokenizer {data_cfg.tokenizer}; "
-                    "use a fresh workdir or the same tokenizer."
+                    f"{in_workdir} (fingerprint {existing.fingerprint}) differs from the "
+                    f"configured tokenizer {data_cfg.tokenizer} (fingerprint "
+                    f"{tok.fingerprint}); use a fresh workdir or the same tokenizer."
                 )
         else:
             tok.save(workdir)

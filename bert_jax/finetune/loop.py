@@ -28,7 +28,7 @@ import optax
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
-from bert_jax import optim, sharding, train
+from bert_jax import optim, run_config, sharding, train
 from bert_jax.finetune import batching, features as features_lib, predictions, readers
 from bert_jax.finetune import restore, scores as scores_lib
 from bert_jax.finetune.tasks import POOLED_KINDS, TaskObjective
@@ -55,6 +55,7 @@ class Summary:
   stopped_early: bool
   predictions_file: str
   elapsed_s: float
+  signal: int = 0  # the signal (SIGTERM) that ended the run early after a checkpoint
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -256,7 +257,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = F
       last=track["last_scores"], main_metric=config.task.main_metric,
       stopped_early=track["stopped_early"],
       predictions_file=os.path.join(workdir, PREDICTIONS_FILE),
-      elapsed_s=time.perf_counter() - t0)
+      elapsed_s=time.perf_counter() - t0, signal=result.signal)
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, RESULTS_FILE), dataclasses.asdict(summary))
   return summary
@@ -271,6 +272,7 @@ def finetuning(config: ml_collections.ConfigDict, workdir: str, mesh, rules, *,
   data position needs no checkpoint of its own; `track` is saved with every checkpoint.
   """
   tc = config.train
+  scores_lib.check_metrics(config.task)  # an unknown metric is refused before training
   divisor = sharding.batch_divisor(mesh, rules) * jax.process_count()
   for name, size in (("batch_size / grad_accum", tc.batch_size // tc.grad_accum),
                      ("eval_batch_size", tc.eval_batch_size)):
@@ -280,6 +282,7 @@ def finetuning(config: ml_collections.ConfigDict, workdir: str, mesh, rules, *,
 
   init = restore.load_init(config)
   tok = init.tokenizer
+  run_config.check_tokenizer(workdir, tok)
   if jax.process_index() == 0:
     tok.save(workdir)  # the fine-tuned workdir holds its tokenizer too
     _write_json(os.path.join(workdir, restore.ENCODER_CONFIG_FILE),
@@ -416,6 +419,7 @@ def finetuning(config: ml_collections.ConfigDict, workdir: str, mesh, rules, *,
 
   lr = optim.learning_rate(optimizer_config(config, total), total)
   run_kind = train.RunKind(
+      tokenizer=tok,
       setup=setup, steps=total, sample=sample, train_spec=train_spec, next_batch=next_batch,
       data_iterator=None,
       initial_state=lambda: initial_state(config, init, setup, sample, mesh, rules)[0],

@@ -26,6 +26,7 @@ import gzip
 import io
 import json
 import os
+import sys
 from typing import Any, Iterable, Iterator
 
 import ml_collections
@@ -35,6 +36,7 @@ from absl import logging
 from bert_jax.data import bundled
 
 SOURCES = ("bundled", "files", "tfds")
+UNKNOWN_LABEL = "label not in the label set"
 SPLITS = ("train", "dev")
 
 
@@ -171,6 +173,9 @@ class _Labels:
   def __init__(self, names: list[str] | None):
     self.names = names
     self.index = {n: i for i, n in enumerate(names)} if names else None
+    # Labels given but outside the label set (e.g. dev labels never seen in train); a
+    # missing label (None, "", GLUE's -1) is not counted here.
+    self.unknown: collections.Counter = collections.Counter()
 
   def __call__(self, value: Any) -> int | None:
     value = _scalar(value)
@@ -182,9 +187,13 @@ class _Labels:
       try:
         value = int(value)
       except ValueError:
+        self.unknown[value] += 1
         return None
     value = int(value)
-    if value < 0 or (self.names is not None and value >= len(self.names)):
+    if value < 0:
+      return None
+    if self.names is not None and value >= len(self.names):
+      self.unknown[str(value)] += 1
       return None
     return value
 
@@ -213,7 +222,11 @@ def _records(kind: str, task: ml_collections.ConfigDict, rows: Iterable[dict[str
         except (TypeError, ValueError):
           label = None
       else:
+        before = sum(labels.unknown.values())
         label = labels(raw)
+        if label is None and sum(labels.unknown.values()) > before:
+          skipped[UNKNOWN_LABEL] += 1
+          continue
       if label is None:
         skipped["no usable label"] += 1
         continue
@@ -336,9 +349,24 @@ def read_split(task: ml_collections.ConfigDict, split: str,
     raise ValueError(f"task.source: {task.source!r} is not one of {SOURCES}")
   if kind == "multiple_choice":
     label_names = None
-  records = _records(kind, task, rows, _Labels(label_names), where, skipped, limit)
+  labels = _Labels(label_names)
+  records = _records(kind, task, rows, labels, where, skipped, limit)
+  total = len(records) + sum(skipped.values())
+  if labels.unknown:
+    n = sum(labels.unknown.values())
+    shown = dict(labels.unknown.most_common(8))
+    message = (f"{where}: {n:,} of {total:,} records have a label outside the label set "
+               f"{label_names} (from task.label_names, the source, or the train split's "
+               f"labels): {shown}")
+    if not task.get("drop_unknown_labels"):
+      raise ValueError(f"{message}. Scores over the other records would hide them: add "
+                       "the labels to --config.task.label_names, fix the data, or set "
+                       "--config.task.drop_unknown_labels=True to drop these records.")
+    print(f"warning: {message}; dropped (task.drop_unknown_labels=True): scores are over "
+          f"the other {len(records):,}.", file=sys.stderr, flush=True)
   if skipped:
-    logging.warning("%s: skipped %s", where, dict(skipped))
+    logging.warning("%s: skipped %s of %s records: %s", where, f"{sum(skipped.values()):,}",
+                    f"{total:,}", dict(skipped))
   if not records:
     detail = f" (skipped: {dict(skipped)})" if skipped else ""
     raise ValueError(f"No usable {kind} example in {where}{detail}.")

@@ -216,3 +216,34 @@ def squad_scores(predictions: Mapping[str, str], golds: Mapping[str, Sequence[st
     out["has_answer_f1"] = 100 * float(np.mean(has)) if has else float("nan")
     out["no_answer_f1"] = 100 * float(np.mean(no))
   return out
+
+
+# The dev scores each task kind can report (besides "loss").
+METRICS_BY_KIND = {
+    "classification": CLASSIFICATION_METRICS, "multiple_choice": CLASSIFICATION_METRICS,
+    "regression": REGRESSION_METRICS, "tagging": TAGGING_METRICS, "qa": QA_METRICS,
+}
+
+
+def check_metrics(task) -> None:
+  """Refuses unknown task.metrics or a task.main_metric they do not give, before training
+  (a ValueError naming the valid ones)."""
+  kind = task.kind
+  if kind not in METRICS_BY_KIND:
+    raise ValueError(f"task.kind: {kind!r} is not one of {sorted(METRICS_BY_KIND)}")
+  valid = METRICS_BY_KIND[kind]
+  names = [m.strip() for m in (task.metrics or "").split(",") if m.strip()]
+  unknown = [m for m in names if m not in valid]
+  if unknown:
+    raise ValueError(f"task.metrics: {', '.join(map(repr, unknown))} not a {kind} metric; "
+                     f"valid: {', '.join(valid)}")
+  reported = set(names) | {"loss"}
+  if kind == "tagging":
+    reported.add("entity_f1")
+  if kind == "qa":
+    reported |= {"exact_match", "f1"} | ({"has_answer_f1", "no_answer_f1"}
+                                         if task.get("version_2") else set())
+  if task.main_metric not in reported:
+    raise ValueError(f"task.main_metric={task.main_metric!r} is not among the dev scores "
+                     f"this task reports ({', '.join(sorted(reported))}); set "
+                     "--config.task.main_metric to one of them or add it to task.metrics")
