@@ -7,7 +7,13 @@ One registry, `FAMILIES`, keyed by transformers' `model_type`, says for each fam
 - how every weight maps onto our parameter tree (tables of `Rule`s: HF name template, our
   path template, and a conversion that is an exact inverse pair: transposes and reshapes,
   so import -> export gives back the same bits),
-- which pretraining heads it has (`HeadGroup`s) and which transformers class holds which.
+- which pretraining heads it has (`HeadGroup`s), which objective trains each (the module
+  comes from that objective's `hf_head`), and which transformers class holds which.
+
+An objective's second network that transformers holds as a model of its own (ELECTRA's
+generator) is a `Tower` of that objective: `load_tower` / `export_from_workdir(tower=...)`
+go through its `import_tower` / `export_tower`. An objective with no transformers head
+exports its encoder alone (the family's base model).
 
 Our parameter tree (what `load` returns and `export_state_dict` takes):
 
@@ -17,7 +23,7 @@ Our parameter tree (what `load` returns and `export_state_dict` takes):
    "nsp" | "sop": {"pooler": {...}, "classifier": {...}}  PairHead (BERT NSP / ALBERT SOP)
    "rtd": {"discriminator_head": DiscriminatorHead},    ELECTRA discriminator (+ "generator",
                                                         "generator_head" for a pair:
-                                                        load_electra_pair, objectives.rtd)
+                                                        load_electra_pair, the RTD tower)
    "pooler": {"dense": ...}}                            a pooler without a pair head
 
 which is `PretrainModel`'s layout (params["mlm"]["head"], params["nsp"]["pooler"], ...).
@@ -41,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import objectives
 from bert_jax import heads
 from bert_jax.encoder import NORMALIZATIONS, Encoder, EncoderConfig
 
@@ -135,19 +142,36 @@ EMBED_NORM = _norm("embeddings.LayerNorm", "embeddings/layer_norm")
 # --------------------------------------------------------------------------- heads
 
 
+POOLER = "pooler"  # the head kind of a lone pooler (no objective trains it)
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadGroup:
-  """A pretraining head: its subtree `name` in our tree, its module `kind`, its weights.
+  """A pretraining head: its subtree `name` in our tree, the objective that trains it, its
+  weights.
 
-  HF names here are full checkpoint keys (with the base-model prefix where the weight lives
-  inside the base model, like BERT's pooler). The group is present in a checkpoint when
-  its `detect` key is; then every one of its weights must be.
+  `objective` names the registered objective whose `param_groups()` holds `name` and whose
+  `hf_head` builds the module (None: the lone pooler). HF names here are full checkpoint
+  keys (with the base-model prefix where the weight lives inside the base model, like
+  BERT's pooler). The group is present in a checkpoint when its `detect` key is; then every
+  one of its weights must be.
   """
 
   name: str
-  kind: str  # mlm | pair | pooler | rtd
+  objective: str | None
   rules: tuple[Rule, ...]
   detect: str
+
+  @property
+  def kind(self) -> str:
+    """The module layout: the objective's `hf_head_kind` (PretrainingModel's groups)."""
+    if self.objective is None:
+      return POOLER
+    kind = objectives.get(self.objective).hf_head_kind
+    if kind is None:
+      raise AssertionError(f"head group {self.name!r}: objective {self.objective!r} has no "
+                           "transformers head (hf_head_kind)")
+    return kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,20 +182,29 @@ class Architecture:
   groups: tuple[str, ...]
 
 
-def _mlm(transform: str, norm: str, bias: str, name: str = "mlm") -> HeadGroup:
-  rules = (*_linear(transform, f"{name}/head/transform"),
-           *_norm(norm, f"{name}/head/transform_norm"), Rule(bias, f"{name}/head/bias"))
-  return HeadGroup(name, "mlm", rules, detect=f"{transform}.weight")
+def _mlm(transform: str, norm: str, bias: str, objective: str = "mlm") -> HeadGroup:
+  """A masked-LM head (MLMHead) at params[<objective>]["head"]."""
+  rules = (*_linear(transform, f"{objective}/head/transform"),
+           *_norm(norm, f"{objective}/head/transform_norm"), Rule(bias, f"{objective}/head/bias"))
+  return HeadGroup(objective, objective, rules, detect=f"{transform}.weight")
 
 
-def _pair(name: str, pooler: str, classifier: str) -> HeadGroup:
-  rules = (*_linear(pooler, f"{name}/pooler/dense"),
-           *_linear(classifier, f"{name}/classifier/dense"))
-  return HeadGroup(name, "pair", rules, detect=f"{classifier}.weight")
+def _pair(objective: str, pooler: str, classifier: str) -> HeadGroup:
+  """A pooler + 2-way classifier at params[<objective>]["pooler" | "classifier"]."""
+  rules = (*_linear(pooler, f"{objective}/pooler/dense"),
+           *_linear(classifier, f"{objective}/classifier/dense"))
+  return HeadGroup(objective, objective, rules, detect=f"{classifier}.weight")
 
 
 def _pooler(pooler: str) -> HeadGroup:
-  return HeadGroup("pooler", "pooler", _linear(pooler, "pooler/dense"), detect=f"{pooler}.weight")
+  return HeadGroup(POOLER, None, _linear(pooler, "pooler/dense"), detect=f"{pooler}.weight")
+
+
+def _detector(objective: str, dense: str, prediction: str) -> HeadGroup:
+  """A per-token discriminator (DiscriminatorHead) at params[<objective>]["discriminator_head"]."""
+  rules = (*_linear(dense, f"{objective}/discriminator_head/dense"),
+           *_linear(prediction, f"{objective}/discriminator_head/prediction"))
+  return HeadGroup(objective, objective, rules, detect=f"{dense}.weight")
 
 
 # --------------------------------------------------------------------------- families
@@ -328,6 +361,11 @@ def _mobilebert_rules(cfg):
   return (WORD, POSITION, TOKEN_TYPE, *EMBED_NORM, *proj, *BERT_LAYER, *bottleneck, *stack)
 
 
+# MobileBERT's MLM output rows beyond the embedding width.
+_MOBILEBERT_EXTRA = Rule("cls.predictions.dense.weight", "mlm/head/extra_output",
+                         when=lambda c: c.hidden_size > c.embed_size)
+
+
 def _mobilebert_groups() -> tuple[HeadGroup, ...]:
   """MLM with its extra output rows (hidden_size > embedding_size), NSP, pooler; the pooler's
   dense exists only with classifier_activation (pooler_activation)."""
@@ -338,9 +376,7 @@ def _mobilebert_groups() -> tuple[HeadGroup, ...]:
 
   mlm = _mlm("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
              "cls.predictions.bias")
-  extra = Rule("cls.predictions.dense.weight", "mlm/head/extra_output",
-               when=lambda c: c.hidden_size > c.embed_size)
-  return (dataclasses.replace(mlm, rules=mlm.rules + (extra,)),
+  return (dataclasses.replace(mlm, rules=mlm.rules + (_MOBILEBERT_EXTRA,)),
           pooler_if_activated(_pair("nsp", "mobilebert.pooler.dense", "cls.seq_relationship")),
           pooler_if_activated(_pooler("mobilebert.pooler.dense")))
 
@@ -357,8 +393,10 @@ def _mobilebert_fixup(cfg, hf_config, state, arch) -> None:
         (cfg.hidden_size, cfg.embed_size), word.dtype)
     state[prefix + "embeddings.embedding_transformation.bias"] = np.zeros(
         (cfg.hidden_size,), word.dtype)
-  if "mlm" in arch.groups and cfg.hidden_size == cfg.embed_size:
-    state["cls.predictions.dense.weight"] = np.zeros((0, cfg.vocab_size), word.dtype)
+  family = get_family("mobilebert")
+  has_extra = any(_MOBILEBERT_EXTRA in family.group(g).rules for g in arch.groups)
+  if has_extra and cfg.hidden_size == cfg.embed_size:  # transformers builds it empty
+    state[_MOBILEBERT_EXTRA.hf] = np.zeros((0, cfg.vocab_size), word.dtype)
 
 
 def _electra_rules(cfg):
@@ -483,11 +521,8 @@ FAMILIES: dict[str, Family] = {
         export_fixup=_roberta_fixup),
     "electra": Family(
         "electra", "electra.", ELECTRA_CONFIG, _electra_options, _electra_rules,
-        groups=(HeadGroup("rtd", "rtd", (
-                    *_linear("discriminator_predictions.dense", "rtd/discriminator_head/dense"),
-                    *_linear("discriminator_predictions.dense_prediction",
-                             "rtd/discriminator_head/prediction")),
-                    detect="discriminator_predictions.dense.weight"),
+        groups=(_detector("rtd", "discriminator_predictions.dense",
+                          "discriminator_predictions.dense_prediction"),
                 _mlm("generator_predictions.dense", "generator_predictions.LayerNorm",
                      "generator_lm_head.bias")),
         architectures=(Architecture("ElectraForPreTraining", ("rtd",)),
@@ -680,32 +715,21 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- model
 
 
-class _MLM(nn.Module):
-  """Subtree "mlm" -> {"head": MLMHead}, as objectives.mlm lays it out."""
-
-  cfg: EncoderConfig
-
-  @nn.compact
-  def __call__(self, hidden, encoder):
-    return heads.MLMHead(self.cfg, name="head")(hidden, encoder)
-
-
-class _RTD(nn.Module):
-  """Subtree "rtd" -> {"discriminator_head": DiscriminatorHead}."""
-
-  cfg: EncoderConfig
-
-  @nn.compact
-  def __call__(self, hidden):
-    return heads.DiscriminatorHead(self.cfg, name="discriminator_head")(hidden)
+def _head_objective(kind: str) -> type[objectives.Objective]:
+  """The registered objective whose `hf_head` builds the transformers head `kind`."""
+  for name in objectives.available():
+    if objectives.get(name).hf_head_kind == kind:
+      return objectives.get(name)
+  raise ValueError(f"unknown head kind {kind!r}")
 
 
 class PretrainingModel(nn.Module):
   """The encoder plus the given head groups, applied at every position.
 
-  Returns {"hidden_states", "all_hidden_states", and per group: "mlm" (vocabulary logits
-  [B, L, V]), "nsp"/"sop" (pair logits [B, 2]), "rtd" (per-token logits [B, L]),
-  "pooled" (the pooler's output, from the pair head's pooler or the lone pooler)}.
+  Returns {"hidden_states", "all_hidden_states", per group its head's logits (MLM:
+  vocabulary logits [B, L, V], pair: [B, 2], RTD: per-token [B, L]), and "pooled" (the
+  pooler's output, from a pair head's pooler or the lone pooler)}. Each group's module is
+  the `hf_head` of the objective that declares its kind.
   """
 
   cfg: EncoderConfig
@@ -719,17 +743,13 @@ class PretrainingModel(nn.Module):
                        output_hidden_states=True))
     h = out["hidden_states"]
     for name, kind in self.groups:
-      if kind == "mlm":
-        out[name] = _MLM(self.cfg, name=name)(h, encoder)
-      elif kind == "pair":
-        out[name], out["pooled"] = heads.PairHead(self.cfg, return_pooled=True, name=name)(
-            h, deterministic=deterministic)
-      elif kind == "pooler":
+      if kind == POOLER:
         out["pooled"] = heads.Pooler(self.cfg, name=name)(h)
-      elif kind == "rtd":
-        out[name] = _RTD(self.cfg, name=name)(h)
-      else:
-        raise ValueError(f"unknown head kind {kind!r}")
+        continue
+      res = dict(_head_objective(kind).hf_head(self.cfg, name)(
+          h, encoder, deterministic=deterministic))
+      out[name] = res.pop("logits")
+      out.update(res)
     return out
 
 
@@ -776,9 +796,14 @@ class Imported:
   groups: tuple[str, ...]  # head groups found, e.g. ("mlm", "nsp")
   architecture: str | None
   ignored: tuple[str, ...] = ()  # checkpoint weights with no place in our tree
-  # An ELECTRA generator + discriminator pair (load_electra_pair): {"generator_size",
-  # "generator_layers" (None: the discriminator's depth), "config", "hf_config"}.
-  generator: dict[str, Any] | None = None
+  objective_names: tuple[str, ...] = ()  # the objectives that train those heads
+  # Towers imported beside (load_tower): {tower: the objective's facts about it (ELECTRA's
+  # generator: "generator_size", "generator_layers" (None: the discriminator's depth),
+  # "config"), and its "hf_config"}.
+  towers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  # {objective: {field: value}}: config.<objective> values the checkpoint implies
+  # (run_config_for sets them).
+  sections: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def model(self) -> PretrainingModel:
@@ -788,8 +813,12 @@ class Imported:
   @property
   def objectives(self) -> str:
     """The objectives string these heads serve, e.g. "mlm:1.0,nsp:1.0"."""
-    return ",".join(f"{g}:1.0" for g in self.groups
-                    if g in ("mlm", "nsp", "sop", "rtd", "plm"))
+    return ",".join(f"{n}:1.0" for n in self.objective_names)
+
+  @property
+  def generator(self) -> dict[str, Any] | None:
+    """An ELECTRA pair's generator tower (towers["generator"]; load_electra_pair)."""
+    return self.towers.get(GENERATOR)
 
 
 def _normalize_keys(family: Family, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -837,8 +866,10 @@ def load(path: str, **config_overrides: Any) -> Imported:
     log.warning("%s: ignoring %d weights with no place in bert-jax: %s", path, len(ignored),
                 ", ".join(ignored[:10]))
   arch = next((a.cls for a in family.architectures if set(a.groups) == set(groups)), None)
+  trained_by = tuple(dict.fromkeys(family.group(g).objective for g in groups
+                                   if family.group(g).objective is not None))
   return Imported(family.model_type, cfg, _unflatten(flat), hf_config, tuple(groups),
-                  (hf_config.get("architectures") or [arch])[0], ignored)
+                  (hf_config.get("architectures") or [arch])[0], ignored, trained_by)
 
 
 def _check_shapes(flat, expected, origin, family, cfg):
@@ -960,19 +991,54 @@ def save_pretrained(out_dir: str, family_name: str, cfg: EncoderConfig,
   return hf_config
 
 
-# --------------------------------------------------------------------------- ELECTRA pairs
+# --------------------------------------------------------------------------- towers
 
-# What ELECTRA's generator shares with its discriminator (under "encoder/"): the embedding
-# tables and the embedding LayerNorm. Each tower keeps its own embeddings/projection.
-ELECTRA_SHARED = ("embeddings/word_embeddings/", "embeddings/position_embeddings/",
-                  "embeddings/token_type_embeddings/", "embeddings/layer_norm/")
-GENERATOR_CONFIG = "generator_config.json"  # in WORKDIR/hf/: an imported generator's config
-TOWERS = ("discriminator", "generator")
-# Fields of the generator's EncoderConfig that objectives.rtd.generator_config must give
-# back from the discriminator's (dropout and initializer ranges are the discriminator's).
-_GENERATOR_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                     "intermediate_size", "embed_size", "max_position_embeddings",
-                     "position_offset", "type_vocab_size", "hidden_act", "layer_norm_eps")
+ENCODER_TOWER = "discriminator"  # export_from_workdir's default: the shared encoder
+GENERATOR = "generator"  # ELECTRA's generator: a tower of the RTD objective
+
+
+def tower_config_file(tower: str) -> str:
+  """In WORKDIR/hf/: an imported tower's config.json (export writes it back)."""
+  return f"{tower}_config.json"
+
+
+def _tower_owners(tower: str, names) -> list[tuple[type[objectives.Objective], Any]]:
+  """(objective class, its Tower) for each of `names` that trains the tower."""
+  return [(objectives.get(n), t) for n in names for t in objectives.get(n).towers()
+          if t.name == tower]
+
+
+def load_tower(path: str, tower_dir: str, tower: str, **config_overrides: Any) -> Imported:
+  """A checkpoint and a tower of one of its heads' objectives (ELECTRA's generator beside
+  its discriminator) as ONE tree: that objective's `import_tower` places the tower in its
+  parameters, checks it is the tower it would build, and gives the config values it implies
+  (`Imported.sections`, set by run_config_for) and its facts (`Imported.towers[tower]`)."""
+  main = load(path, **config_overrides)
+  owners = _tower_owners(tower, main.objective_names)
+  if not owners:
+    want = sorted({a.cls for cls, t in _tower_owners(tower, objectives.available())
+                   for a in get_family(t.family).architectures
+                   if any(get_family(t.family).group(g).objective == cls.name
+                          for g in a.groups)})
+    raise UnsupportedError(f"{path!r} is not a checkpoint with {' or '.join(want)}'s head, "
+                           f"whose objective trains a {tower} (model_type {main.family!r}, "
+                           f"heads {list(main.groups)})")
+  owner, spec = owners[0]
+  imp = load(tower_dir, **config_overrides)
+  if imp.family != spec.family or set(spec.groups) - set(imp.groups):
+    cls = next((a.cls for a in get_family(spec.family).architectures
+                if set(a.groups) == set(spec.groups)), list(spec.groups))
+    raise UnsupportedError(f"{tower_dir!r} is not a {spec.family} checkpoint with {cls}'s "
+                           f"head (model_type {imp.family!r}, heads {list(imp.groups)})")
+  try:
+    params, section, facts = owner.import_tower(tower, main.config, main.params, imp.config,
+                                                imp.params)
+  except ValueError as e:
+    raise UnsupportedError(f"{tower} {tower_dir!r}: {e}") from e
+  return dataclasses.replace(
+      main, params=params, ignored=main.ignored + imp.ignored,
+      towers={**main.towers, tower: {**facts, "hf_config": imp.hf_config}},
+      sections={**main.sections, owner.name: {**main.sections.get(owner.name, {}), **section}})
 
 
 def load_electra_pair(discriminator_dir: str, generator_dir: str,
@@ -992,69 +1058,7 @@ def load_electra_pair(discriminator_dir: str, generator_dir: str,
   hidden ratio (true of the released small/base/large pairs); `Imported.generator` holds
   that size and depth.
   """
-  from objectives.rtd import generator_config
-
-  disc, gen = load(discriminator_dir, **config_overrides), load(generator_dir, **config_overrides)
-  for imp, path, group, cls in ((disc, discriminator_dir, "rtd", "ElectraForPreTraining"),
-                                (gen, generator_dir, "mlm", "ElectraForMaskedLM")):
-    if imp.family != "electra" or group not in imp.groups:
-      raise UnsupportedError(f"{path!r} is not an ELECTRA checkpoint with {cls}'s head "
-                             f"(model_type {imp.family!r}, heads {list(imp.groups)})")
-  d_flat, g_flat = _flatten(disc.params["encoder"]), _flatten(gen.params["encoder"])
-  shared = sorted(p for p in g_flat if p.startswith(ELECTRA_SHARED))
-  for path in shared:
-    if path not in d_flat or d_flat[path].shape != g_flat[path].shape or not np.array_equal(
-        d_flat[path], g_flat[path]):
-      raise UnsupportedError(
-          f"the generator's {path!r} differs from the discriminator's: ELECTRA shares the "
-          "embedding tables and embedding LayerNorm between its towers (a pair with untied "
-          "generator embeddings is not supported)")
-
-  layers = gen.config.num_layers if gen.config.num_layers != disc.config.num_layers else None
-  size = gen.config.hidden_size / disc.config.hidden_size
-  try:
-    expected = generator_config(disc.config, size, layers)
-  except ValueError as e:
-    raise UnsupportedError(f"generator {generator_dir!r}: {e}") from e
-  wrong = [f"{f}={getattr(gen.config, f)!r} (expected {getattr(expected, f)!r})"
-           for f in _GENERATOR_FIELDS if getattr(gen.config, f) != getattr(expected, f)]
-  head_act = lambda c: c.head_act or c.hidden_act  # noqa: E731
-  if head_act(gen.config) != head_act(expected):
-    wrong.append(f"head activation {head_act(gen.config)!r} (expected {head_act(expected)!r})")
-  if wrong:
-    raise UnsupportedError(
-        f"generator {generator_dir!r} is not the discriminator's generator at "
-        f"generator_size={size:g} (objectives.rtd.generator_config): {'; '.join(wrong)}")
-
-  generator = {k: v for k, v in gen.params["encoder"].items() if k != "embeddings"}
-  if "projection" in gen.params["encoder"]["embeddings"]:
-    generator["embeddings"] = {"projection": gen.params["encoder"]["embeddings"]["projection"]}
-  params = {"encoder": disc.params["encoder"],
-            "rtd": {"discriminator_head": disc.params["rtd"]["discriminator_head"],
-                    "generator": generator, "generator_head": gen.params["mlm"]["head"]}}
-  return dataclasses.replace(
-      disc, params=params, groups=("rtd",), ignored=disc.ignored + gen.ignored,
-      generator={"generator_size": size, "generator_layers": layers, "config": expected,
-                 "hf_config": gen.hf_config})
-
-
-def electra_generator(cfg: EncoderConfig, params: Mapping[str, Any], generator_size: float,
-                      generator_layers: int | None = None) -> tuple[EncoderConfig, dict]:
-  """The generator of an RTD tree (load_electra_pair's or an RTD run's) as a standalone
-  ELECTRA masked LM: (its EncoderConfig, {"encoder": ..., "mlm": {"head": ...}}), with the
-  discriminator's embedding tables and LayerNorm and the generator's own projection.
-  `save_pretrained(out, "electra", *electra_generator(...))` writes ElectraForMaskedLM."""
-  from objectives.rtd import generator_config
-
-  rtd = params.get("rtd", {})
-  if "generator" not in rtd or "generator_head" not in rtd:
-    raise ValueError("this checkpoint has no ELECTRA generator (params['rtd']['generator'] "
-                     "and ['generator_head']): only an RTD run's has one")
-  gen_cfg = generator_config(cfg, generator_size, generator_layers or None)
-  tables = {k: v for k, v in params["encoder"]["embeddings"].items() if k != "projection"}
-  encoder = dict(rtd["generator"])
-  encoder["embeddings"] = {**tables, **encoder.get("embeddings", {})}
-  return gen_cfg, {"encoder": encoder, "mlm": {"head": rtd["generator_head"]}}
+  return load_tower(discriminator_dir, generator_dir, GENERATOR, **config_overrides)
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -1143,9 +1147,10 @@ def run_config_for(imported: Imported, size: str = "tiny"):
   usable = imported.config.max_position_embeddings - imported.config.position_offset
   config.data.seq_len = min(config.data.seq_len, usable)
   config.objectives = imported.objectives or "mlm:1.0"
-  if imported.generator:
-    config.rtd.generator_size = float(imported.generator["generator_size"])
-    config.rtd.generator_layers = imported.generator["generator_layers"] or 0
+  for name, values in imported.sections.items():  # e.g. the generator_size of a tower
+    for field, value in values.items():
+      config[name][field] = value
+    objectives.get(name).section(config)  # checked against the objective's Config
   return config
 
 
@@ -1155,9 +1160,10 @@ def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny",
   the tokenizer (WORKDIR/hf/*, plus WORKDIR/tokenizer.model for sentencepiece models).
 
   With `generator_dir`, `hf_dir` is an ELECTRA discriminator and `generator_dir` its
-  generator: both go into one RTD tree (`load_electra_pair`), the run config's
-  rtd.generator_size/generator_layers match the generator, and its config.json is kept as
-  WORKDIR/hf/generator_config.json (for `export_from_workdir(..., tower="generator")`).
+  generator: both go into one RTD tree (`load_electra_pair`), the run config gets the
+  values the RTD objective derives from the generator (its generator_size and
+  generator_layers), and its config.json is kept as WORKDIR/hf/generator_config.json (for
+  `export_from_workdir(..., tower="generator")`).
   """
   from bert_jax import checkpoint, run_config
 
@@ -1172,7 +1178,7 @@ def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny",
   shutil.copyfile(os.path.join(hf_dir, "config.json"), os.path.join(hf_dir_out, "config.json"))
   if generator_dir:
     shutil.copyfile(os.path.join(generator_dir, "config.json"),
-                    os.path.join(hf_dir_out, GENERATOR_CONFIG))
+                    os.path.join(hf_dir_out, tower_config_file(GENERATOR)))
   copied = copy_tokenizer_files(hf_dir, hf_dir_out)
   spm_file = next((n for n in SENTENCEPIECE_FILES if n in copied), None)
   if spm_file:
@@ -1194,26 +1200,31 @@ def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny",
 
 def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
                         which: str = "latest", heads_mode: str = "auto",
-                        tower: str = "discriminator") -> dict[str, Any]:
+                        tower: str = ENCODER_TOWER) -> dict[str, Any]:
   """A run's checkpoint (imported or pretrained by us) -> a transformers directory.
 
-  `tower="generator"` writes the generator of an RTD (ELECTRA) run instead of the encoder:
-  an ElectraForMaskedLM with the shared embedding tables (`electra_generator`).
+  Another `tower` writes a tower of one of the run's objectives instead of the encoder,
+  as that objective's `export_tower` gives it: `tower="generator"` an RTD (ELECTRA) run's
+  generator, as an ElectraForMaskedLM with the shared embedding tables.
   """
   from bert_jax import checkpoint, run_config
 
-  if tower not in TOWERS:
-    raise ValueError(f"tower={tower!r} is not one of {TOWERS}")
   config = run_config.load(workdir)
   family = config.get("family", "bert")
   cfg = EncoderConfig.from_dict(config.model)
+  owner = None
+  if tower != ENCODER_TOWER:
+    owners = _tower_owners(tower, [n for n, _ in objectives.parse_spec(config.objectives)])
+    if not owners:
+      raise ValueError(f"tower={tower!r}: no objective of this run ({config.objectives}) "
+                       f"trains one; {ENCODER_TOWER!r} exports the encoder")
+    owner, spec = owners[0]
   params, step = checkpoint.restore_params(workdir, step, which)
   params = jax.tree.map(np.asarray, params)
   base_file = "config.json"
-  if tower == "generator":
-    family, base_file = "electra", GENERATOR_CONFIG
-    cfg, params = electra_generator(cfg, params, config.rtd.generator_size,
-                                    config.rtd.generator_layers)
+  if owner is not None:
+    family, base_file = spec.family, tower_config_file(tower)
+    cfg, params = owner.export_tower(tower, cfg, params, owner.section(config))
   base, special = None, None
   hf_in = os.path.join(workdir, HF_SUBDIR)
   if os.path.isfile(os.path.join(hf_in, base_file)):
@@ -1225,8 +1236,9 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
     tok = tokenizer_lib.load_tokenizer(own)
     special = {"pad_token_id": tok.pad_id, "bos_token_id": tok.cls_id,
                "eos_token_id": tok.sep_id}
-  known = ({"plm"} if _separate(family) is not None
-           else {g.name for g in get_family(family).groups})
+  separate = _separate(family)
+  known = set(separate.GROUPS if separate is not None
+              else (g.name for g in get_family(family).groups))
   skipped = sorted(set(params) - known - {"encoder"})
   if skipped:
     log.info("not exported (no transformers counterpart): %s", skipped)

@@ -40,6 +40,11 @@ PREFIX = "transformer."
 # Our activation names <-> transformers' ff_activation.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu", "silu": "silu"}
 _HF_ACTIVATIONS = {**{v: k for k, v in _ACTIVATIONS.items()}, "swish": "silu"}
+# The objective XLNet's LM head is (its params["plm"]), and the config.plm values of
+# transformers' head: tied word embeddings + bias, no transform.
+OBJECTIVE = "plm"
+HEAD_SECTION = {"head_transform": False}
+GROUPS = (OBJECTIVE,)  # our head groups that export writes
 # EncoderConfig fields that make our encoder XLNet.
 XLNET_OPTIONS = dict(position_embedding="relative", relative_segments=True,
                      embedding_norm=False, attention_bias=False, type_vocab_size=0,
@@ -195,18 +200,20 @@ def _check_shapes(cfg: EncoderConfig, flat: Mapping[str, np.ndarray]) -> None:
   import jax
   import jax.numpy as jnp
   import flax.linen as nn
+  import objectives
   from bert_jax.model import PretrainModel
-  from objectives import plm
 
-  obj = plm.PermutationLM(plm.MaskingConfig(rate=0.5, max_predictions=1, mask_prob=0.0,
-                                            random_prob=0.0), None, head_transform=False)
-  batch = {"input_ids": jnp.zeros((1, 2), jnp.int32), "attention_mask": jnp.ones((1, 2)),
-           "segment_ids": jnp.zeros((1, 2), jnp.int32),
-           "plm_positions": jnp.zeros((1, 1), jnp.int32),
-           "plm_content_mask": jnp.ones((1, 2, 2), bool),
-           "plm_query_mask": jnp.ones((1, 1, 2), bool)}
-  shapes = jax.eval_shape(lambda: PretrainModel(cfg, (obj,)).init(
-      jax.random.PRNGKey(0), batch, deterministic=True))
+  # The objective as a run with XLNet's head builds it, on the inputs it makes itself.
+  obj = objectives.get(OBJECTIVE).from_config({OBJECTIVE: HEAD_SECTION}, None)
+  clean = {"input_ids": jnp.zeros((1, 4), jnp.int32), "attention_mask": jnp.ones((1, 4)),
+           "segment_ids": jnp.zeros((1, 4), jnp.int32), "word_ids": jnp.arange(4)[None],
+           "example_id": jnp.zeros((1,), jnp.int32)}
+
+  def init():
+    batch = objectives.corrupt_one(obj, clean, jax.random.PRNGKey(0))[1]
+    return PretrainModel(cfg, (obj,)).init(jax.random.PRNGKey(0), batch, deterministic=True)
+
+  shapes = jax.eval_shape(init)
   expected = hf._flatten(nn.meta.unbox(shapes["params"]))
   missing, extra = set(expected) - set(flat), set(flat) - set(expected)
   if missing or extra:  # the mapping table out of step with the modules: our bug
@@ -245,8 +252,9 @@ def load(path: str, **config_overrides: Any) -> hf.Imported:
   if unused:
     log.warning("%s: ignoring %d weights with no place in bert-jax: %s", path, len(unused),
                 ", ".join(unused[:10]))
-  return hf.Imported(MODEL_TYPE, cfg, params, hf_config, ("plm",),
-                     (hf_config.get("architectures") or [ARCHITECTURE])[0], unused)
+  return hf.Imported(MODEL_TYPE, cfg, params, hf_config, GROUPS,
+                     (hf_config.get("architectures") or [ARCHITECTURE])[0], unused,
+                     objective_names=(OBJECTIVE,), sections={OBJECTIVE: dict(HEAD_SECTION)})
 
 
 def save_pretrained(out_dir: str, cfg: EncoderConfig, params: Mapping[str, Any], *,
@@ -289,7 +297,7 @@ def hf_permutation_inputs(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
           "perm_mask": perm.astype(np.float32), "target_mapping": mapping.astype(np.float32)}
 
 
-__all__ = ["ARCHITECTURE", "MODEL_TYPE", "XLNET_OPTIONS", "UnsupportedError",
-           "check_exportable", "encoder_config_from_hf", "export_state_dict",
+__all__ = ["ARCHITECTURE", "GROUPS", "HEAD_SECTION", "MODEL_TYPE", "OBJECTIVE", "XLNET_OPTIONS",
+           "UnsupportedError", "check_exportable", "encoder_config_from_hf", "export_state_dict",
            "hf_config_from_encoder", "hf_permutation_inputs", "load", "params_from_state_dict",
            "save_pretrained"]

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from objectives.base import (CLEAN, SINGLE, Batch, ExampleKind, Objective, SpecialIds,
-                             View, fold_name, section_defaults, section_from)
+                             Tower, View, fold_name, section_defaults, section_from)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -183,7 +183,7 @@ _BUILTIN = ("objectives.mlm", "objectives.nsp", "objectives.sop", "objectives.rt
             "objectives.plm", "objectives.distill")
 
 __all__ = ["CLEAN", "SINGLE", "Composition", "ExampleKind", "Objective", "SpecialIds",
-           "View", "WeightedObjective", "available", "build", "compose", "config_sections",
+           "Tower", "View", "WeightedObjective", "available", "build", "compose", "config_sections",
            "corrupt_one", "example_kind", "get", "parse_spec", "register", "section_from"]
 
 

@@ -17,7 +17,12 @@ it declares:
   * `head(...)` and `loss(...)`;
   * its facts: `param_groups()` (the top-level parameter subtrees it owns: they must not
     overlap another objective's, and export reads them), `pooler_path()` (where a pooler
-    for fine-tuning lives, if it trains one), `frozen_paths()`, `initialize()`.
+    for fine-tuning lives, if it trains one), `frozen_paths()`, `initialize()`;
+  * for bert_jax/hf.py (all optional: by default an objective has no transformers head and
+    its run exports the encoder alone): `hf_head_kind` / `hf_head()` (the head, applied at
+    every position, that the family tables there lay out as a transformers head), and
+    `towers()` / `import_tower()` / `export_tower()` (a second network it trains that
+    transformers holds as a model of its own, such as ELECTRA's generator).
 
 Keys: each view and each objective folds the step's key with its own name, so what an
 objective sees does not depend on which other objectives run beside it.
@@ -60,6 +65,22 @@ class ExampleKind:
 
 
 SINGLE = ExampleKind("single")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+  """A network an objective trains beside the shared encoder that transformers holds as a
+  model of its own (ELECTRA's generator); bert_jax/hf.py imports it into the objective's
+  parameters (`import_tower`) and exports it back (`export_tower`).
+
+  name: what `export_from_workdir(tower=...)` and `load_tower` call it; family: the
+  transformers model_type it is written as; groups: the head groups (bert_jax/hf.py's
+  layout, next to "encoder") its checkpoint holds.
+  """
+
+  name: str
+  family: str
+  groups: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +208,42 @@ class Objective(abc.ABC):
     """Host-side edit of freshly initialised parameters (load a teacher, copy layers into
     the student). Called once per run, never on resume. Default: unchanged."""
     return params
+
+  # -------------------------------------------------- Hugging Face (bert_jax/hf.py)
+
+  # The transformers head layout `hf_head` builds, as bert_jax/hf.py's family tables name
+  # it; None: no transformers head (export writes the encoder alone).
+  hf_head_kind: ClassVar[str | None] = None
+
+  @classmethod
+  def hf_head(cls, encoder_config: Any, name: str) -> nn.Module:
+    """The transformers head at every position: a Flax module whose parameters are
+    params[name], called as head(hidden_states, encoder, deterministic=...) -> {"logits":
+    ..., and outputs shared by every head, e.g. "pooled"}."""
+    raise NotImplementedError(f"objective {cls.name!r} has no transformers head")
+
+  @classmethod
+  def towers(cls) -> tuple[Tower, ...]:
+    """Networks besides the shared encoder that transformers holds as models of their own.
+    Default: none."""
+    return ()
+
+  @classmethod
+  def import_tower(cls, tower: str, encoder_config: Any, params: dict[str, Any],
+                   tower_config: Any, tower_params: dict[str, Any]
+                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """An imported tower (its EncoderConfig and tree {"encoder", *Tower.groups}) into a
+    tree that holds the encoder and this objective's head. Returns (the full tree, the
+    config.<name> values the tower implies, facts about it for the caller). Raises
+    ValueError when the tower is not one this objective would build."""
+    raise ValueError(f"objective {cls.name!r} has no tower {tower!r}")
+
+  @classmethod
+  def export_tower(cls, tower: str, encoder_config: Any, params: dict[str, Any],
+                   section: Any) -> tuple[Any, dict[str, Any]]:
+    """(the tower's EncoderConfig, its tree {"encoder", *Tower.groups}) from a run's
+    parameters; `section`: the run's config.<name> (`Config`)."""
+    raise ValueError(f"objective {cls.name!r} has no tower {tower!r}")
 
 
 # ----------------------------------------------------------------------------- config sections

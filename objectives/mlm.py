@@ -58,6 +58,18 @@ class MLMHeadOnPositions(nn.Module):
     return head(heads.gather_positions(hidden, batch["mlm_positions"]), encoder)
 
 
+class VocabularyLogits(nn.Module):
+  """The MLM head at every position (transformers' *ForMaskedLM logits [B, L, V]):
+  params[name]["head"], as MLMHeadOnPositions lays it out."""
+
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, hidden, encoder, *, deterministic: bool):
+    del deterministic
+    return {"logits": heads.MLMHead(self.cfg, name="head")(hidden, encoder)}
+
+
 @dataclasses.dataclass(frozen=True)
 class MLMConfig:
   """config.mlm: BERT's recipe (15%, 80/10/10, at most max_predictions per sequence)."""
@@ -152,6 +164,12 @@ class MaskedLM(Objective):
 
   def torch_peer(self):
     return "objectives.torch_peers:bert"
+
+  hf_head_kind = "mlm"
+
+  @classmethod
+  def hf_head(cls, encoder_config, name):
+    return VocabularyLogits(encoder_config, name=name)
 
   def head(self, encoder_config, name):
     return MLMHeadOnPositions(encoder_config, predict_all=self.predict_all, name=name)

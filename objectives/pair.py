@@ -34,6 +34,21 @@ class PairClassifierHead(nn.Module):
         pooled, deterministic=deterministic)
 
 
+class PairLogits(nn.Module):
+  """transformers' pair head at params[name] (*ForPreTraining's seq_relationship /
+  sop_classifier): {"logits": [B, 2], "pooled": the pooler's output}."""
+
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, hidden, encoder, *, deterministic: bool):
+    del encoder
+    pooled = heads.Pooler(self.cfg, name="pooler")(hidden)
+    logits = heads.Classifier(self.cfg, 2, dropout=0.0, name="classifier")(
+        pooled, deterministic=deterministic)
+    return {"logits": logits, "pooled": pooled}
+
+
 def pair_loss(logits_Bx2, labels_B):
   ce = heads.softmax_cross_entropy(logits_Bx2, labels_B)
   n = jnp.asarray(labels_B.shape[0], jnp.float32)
@@ -74,6 +89,12 @@ class SentencePairObjective(Objective):
 
   def torch_peer(self):  # BertForPreTraining's pooler + 2-way head, with MLM
     return "objectives.torch_peers:bert"
+
+  hf_head_kind = "pair"
+
+  @classmethod
+  def hf_head(cls, encoder_config, name):
+    return PairLogits(encoder_config, name=name)
 
   def head(self, encoder_config, name):
     return PairClassifierHead(encoder_config, name=name)

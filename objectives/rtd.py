@@ -19,11 +19,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 import objectives
 from bert_jax import heads
 from bert_jax.encoder import Encoder, EncoderConfig
-from objectives.base import Objective, SpecialIds
+from objectives.base import Objective, SpecialIds, Tower
 from objectives.masking import MaskingConfig, mask_batch
 from objectives.mlm import mask_padded_vocab, masked_lm_loss
 
@@ -39,6 +41,23 @@ def generator_config(disc: EncoderConfig, size: float, layers: int | None) -> En
       intermediate_size=max(1, round(disc.intermediate_size * size)),
       num_layers=layers or disc.num_layers, embedding_size=disc.embed_size,
       num_layer_groups=None)
+
+
+# What the generator shares with the discriminator (under params["encoder"]): the embedding
+# tables and the embedding LayerNorm. Each tower keeps its own embeddings/projection.
+SHARED = ("embeddings/word_embeddings/", "embeddings/position_embeddings/",
+          "embeddings/token_type_embeddings/", "embeddings/layer_norm/")
+# Fields of an imported generator's EncoderConfig that generator_config must give back from
+# the discriminator's (dropout and initializer ranges are the discriminator's).
+GENERATOR_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                    "intermediate_size", "embed_size", "max_position_embeddings",
+                    "position_offset", "type_vocab_size", "hidden_act", "layer_norm_eps")
+# transformers holds the generator as an ElectraForMaskedLM: our encoder + MaskedLM's head.
+GENERATOR = Tower("generator", "electra", ("mlm",))
+
+
+def _flat(tree) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def gumbel_sample(key, logits, temperature: float):
@@ -81,6 +100,17 @@ class RTDModule(nn.Module):
     disc_logits = heads.DiscriminatorHead(self.disc_cfg, name="discriminator_head")(hidden)
     return {"generator_logits": gen_logits, "discriminator_logits": disc_logits,
             "labels": labels, "disc_ids": disc_ids}
+
+
+class DiscriminatorLogits(nn.Module):
+  """ElectraForPreTraining's head at every token: params[name]["discriminator_head"]."""
+
+  cfg: EncoderConfig
+
+  @nn.compact
+  def __call__(self, hidden, encoder, *, deterministic: bool):
+    del encoder, deterministic
+    return {"logits": heads.DiscriminatorHead(self.cfg, name="discriminator_head")(hidden)}
 
 
 def discriminator_loss(logits_BxL, labels_BxL, mask_BxL):
@@ -177,6 +207,74 @@ class ReplacedTokenDetection(Objective):
 
   def generator(self, encoder_config: EncoderConfig) -> EncoderConfig:
     return generator_config(encoder_config, self.generator_size, self.generator_layers)
+
+  hf_head_kind = "rtd"
+
+  @classmethod
+  def hf_head(cls, encoder_config, name):
+    return DiscriminatorLogits(encoder_config, name=name)
+
+  @classmethod
+  def towers(cls):
+    return (GENERATOR,)
+
+  @classmethod
+  def import_tower(cls, tower, encoder_config, params, tower_config, tower_params):
+    """An ElectraForMaskedLM generator beside its ElectraForPreTraining discriminator:
+    params[name] gains "generator" (its Encoder without the shared tables: its projection,
+    when it has one, and its layers) and "generator_head"; the generator_size it implies is
+    its hidden ratio (true of the released small/base/large pairs)."""
+    if tower != GENERATOR.name:
+      return super().import_tower(tower, encoder_config, params, tower_config, tower_params)
+    d_flat, g_flat = _flat(params["encoder"]), _flat(tower_params["encoder"])
+    for path in sorted(p for p in g_flat if p.startswith(SHARED)):
+      if path not in d_flat or d_flat[path].shape != g_flat[path].shape or not np.array_equal(
+          d_flat[path], g_flat[path]):
+        raise ValueError(
+            f"the generator's {path!r} differs from the discriminator's: ELECTRA shares the "
+            "embedding tables and embedding LayerNorm between its towers (a pair with "
+            "untied generator embeddings is not supported)")
+    disc, gen = encoder_config, tower_config
+    layers = gen.num_layers if gen.num_layers != disc.num_layers else None
+    size = gen.hidden_size / disc.hidden_size
+    expected = generator_config(disc, size, layers)
+    wrong = [f"{f}={getattr(gen, f)!r} (expected {getattr(expected, f)!r})"
+             for f in GENERATOR_FIELDS if getattr(gen, f) != getattr(expected, f)]
+    head_act = lambda c: c.head_act or c.hidden_act  # noqa: E731
+    if head_act(gen) != head_act(expected):
+      wrong.append(f"head activation {head_act(gen)!r} (expected {head_act(expected)!r})")
+    if wrong:
+      raise ValueError(f"not the discriminator's generator at generator_size={size:g} "
+                       f"(objectives.rtd.generator_config): {'; '.join(wrong)}")
+    encoder = tower_params["encoder"]
+    generator = {k: v for k, v in encoder.items() if k != "embeddings"}
+    if "projection" in encoder["embeddings"]:
+      generator["embeddings"] = {"projection": encoder["embeddings"]["projection"]}
+    (head_group,) = GENERATOR.groups
+    out = dict(params)
+    out[cls.name] = {**params.get(cls.name, {}), "generator": generator,
+                     "generator_head": tower_params[head_group]["head"]}
+    section = {"generator_size": float(size), "generator_layers": layers or 0}
+    return out, section, {"generator_size": size, "generator_layers": layers,
+                          "config": expected}
+
+  @classmethod
+  def export_tower(cls, tower, encoder_config, params, section):
+    """The generator as a standalone ELECTRA masked LM, with the discriminator's embedding
+    tables and LayerNorm and the generator's own projection."""
+    if tower != GENERATOR.name:
+      return super().export_tower(tower, encoder_config, params, section)
+    own = params.get(cls.name, {})
+    if "generator" not in own or "generator_head" not in own:
+      raise ValueError(f"this checkpoint has no ELECTRA generator (params[{cls.name!r}]"
+                       "['generator'] and ['generator_head']): only an RTD run's has one")
+    gen_cfg = generator_config(encoder_config, section.generator_size,
+                               section.generator_layers or None)
+    tables = {k: v for k, v in params["encoder"]["embeddings"].items() if k != "projection"}
+    encoder = dict(own["generator"])
+    encoder["embeddings"] = {**tables, **encoder.get("embeddings", {})}
+    (head_group,) = GENERATOR.groups
+    return gen_cfg, {"encoder": encoder, head_group: {"head": own["generator_head"]}}
 
   def corrupt(self, clean, key):
     mask_key, sample_key = jax.random.split(key)
