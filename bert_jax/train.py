@@ -519,6 +519,7 @@ def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) ->
                      f"devices of the data axes of mesh {dict(mesh.shape)}")
 
   tokenizer = tokenizer_lib.ensure_tokenizer(config.data, workdir)
+  run_config.check_tokenizer(workdir, tokenizer)
   special = special_ids(tokenizer)
   setup = build_setup(config, special)
   check_vocab(setup.model.encoder_config, tokenizer.vocab_size)
