@@ -440,3 +440,23 @@ def test_planner_refusals(corpus):
     examples_lib.plan_segments(corpus, SEQ_LEN, kind)
   with pytest.raises(ValueError, match="pairs need a negative"):
     objectives.ExampleKind("pair", segments=2)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def test_variants_grid_builds_and_every_cell_composes(tmp_path):
+  from bert_jax import ablate
+  from configs import ablate as ablate_configs
+  grid = ablate_configs.get_config("variants")
+  assert grid.budget.kind == "flops" and grid.finetune.seeds == "0,1,2,3,4"
+  names = grid.order.split(",")
+  assert names[0] == "mlm" and set(names) == {"mlm"} | {f"mlm_{v}" for v in VARIANTS}
+  for name in names:
+    cell = grid.cells[name]
+    from configs.pretrain import get_config
+    config = get_config(cell.preset)
+    ablate.apply_overrides(config, cell.overrides)
+    comp = objectives.build(config, SPECIAL)
+    assert [w.objective.name for w in comp][0] == "mlm"
+    assert comp.example_kind is not None
