@@ -41,7 +41,9 @@ class PretrainModel(nn.Module):
     for i in comp.passes():
       src = batch["clean"] if i is None else batch["views"][i]
       clean = batch["clean"]
-      encoded[i] = encoder(src["input_ids"], clean.get("segment_ids"), clean["attention_mask"],
+      # A view may bring its own attention mask and segments (tokens deleted, moved).
+      encoded[i] = encoder(src["input_ids"], src.get("segment_ids", clean.get("segment_ids")),
+                           src.get("attention_mask", clean["attention_mask"]),
                            deterministic=deterministic)
     out = {}
     for w in comp.objectives:

@@ -107,6 +107,7 @@ def albert(c: ml_collections.ConfigDict) -> None:
   c.objectives = "mlm:1.0,sop:1.0"
   c.mlm.span = "ngram"
   c.mlm.max_ngram = 3
+  c.mlm.truncate_spans = True  # ALBERT truncates an n-gram near the end instead of resampling
   c.model.embedding_size = min(128, c.model.hidden_size // 2)
   c.model.num_layer_groups = 1
   c.model.hidden_act = "gelu_new"

@@ -13,8 +13,9 @@ from typing import Any
 
 import jax
 
-from objectives.base import (CLEAN, SINGLE, Batch, ExampleKind, Objective, SpecialIds,
-                             Tower, View, fold_name, section_defaults, section_from)
+from objectives.base import (CLEAN, SINGLE, Batch, ExampleKind, Feature, Objective,
+                             SpecialIds, Tower, View, fold_name, section_defaults,
+                             section_from)
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -99,8 +100,8 @@ class Composition:
 
   @property
   def example_kind(self) -> ExampleKind:
-    kinds = {w.objective.example_kind for w in self.objectives} - {SINGLE}
-    return kinds.pop() if kinds else SINGLE
+    return merge_kinds(tuple((w.objective.name, w.objective.example_kind)
+                             for w in self.objectives))
 
   def view_index(self, objective: Objective) -> int | None:
     """Index into `views` of the objective's view; None for the clean input."""
@@ -118,6 +119,7 @@ class Composition:
     return tuple(out)
 
   def corrupt(self, clean: Batch, key: jax.Array) -> dict[str, Any]:
+    clean = self.example_kind.complete(clean)
     return {"clean": clean,
             "views": tuple(v.make(clean, fold_name(key, "view/" + v.name)) for v in self.views),
             "own": {w.objective.name: w.objective.corrupt(clean, fold_name(key, w.objective.name))
@@ -137,12 +139,7 @@ class Composition:
 
 def compose(weighted: tuple[WeightedObjective, ...]) -> Composition:
   """Checks that the objectives can run together and collects their distinct views."""
-  kinds = {w.objective.example_kind for w in weighted} - {SINGLE}
-  if len(kinds) > 1:
-    names = [w.objective.name for w in weighted if w.objective.example_kind != SINGLE]
-    raise ValueError(f"objectives {names} need different kinds of examples "
-                     f"({sorted(k.name for k in kinds)}): one batch holds one kind; choose "
-                     "one of them")
+  merge_kinds(tuple((w.objective.name, w.objective.example_kind) for w in weighted))
   owner: dict[str, str] = {}
   for w in weighted:
     for group in w.objective.param_groups():
@@ -159,6 +156,29 @@ def compose(weighted: tuple[WeightedObjective, ...]) -> Composition:
     if v is not CLEAN and v not in views:
       views.append(v)
   return Composition(tuple(weighted), tuple(views))
+
+
+def merge_kinds(named: tuple[tuple[str, ExampleKind], ...]) -> ExampleKind:
+  """The one kind of example that serves every (objective, kind): at most one layout
+  other than single segments (a batch holds one kind), plus the union of the features.
+  Raises ValueError, naming the objectives, when no such kind exists."""
+  layouts = {k.layout: k for _, k in named if not k.adds_fields_only}
+  if len(layouts) > 1:
+    names = [n for n, k in named if not k.adds_fields_only]
+    raise ValueError(f"objectives {names} need different kinds of examples "
+                     f"({sorted(k.name for k in layouts.values())}): one batch holds one "
+                     "kind; choose one of them")
+  base = next(iter(layouts.values())) if layouts else SINGLE
+  features: dict[str, Any] = {}
+  for n, k in named:
+    for f in k.features:
+      if f.name in features and features[f.name] != f:
+        raise ValueError(f"objective {n!r} declares the example field {f.name!r}, which "
+                         "another objective declares differently")
+      features[f.name] = f
+  if tuple(features.values()) == base.features:
+    return base
+  return dataclasses.replace(base, features=tuple(features.values()))
 
 
 def build(config: Any, special: SpecialIds) -> Composition:
@@ -180,11 +200,14 @@ def _import_builtin() -> None:
 
 
 _BUILTIN = ("objectives.mlm", "objectives.nsp", "objectives.sop", "objectives.rtd",
-            "objectives.plm", "objectives.distill")
+            "objectives.plm", "objectives.distill", "objectives.wso", "objectives.tdd",
+            "objectives.cap", "objectives.tdr", "objectives.sso", "objectives.sro",
+            "objectives.sdp")
 
-__all__ = ["CLEAN", "SINGLE", "Composition", "ExampleKind", "Objective", "SpecialIds",
-           "Tower", "View", "WeightedObjective", "available", "build", "compose", "config_sections",
-           "corrupt_one", "example_kind", "get", "parse_spec", "register", "section_from"]
+__all__ = ["CLEAN", "SINGLE", "Composition", "ExampleKind", "Feature", "Objective",
+           "SpecialIds", "Tower", "View", "WeightedObjective", "available", "build", "compose",
+           "config_sections", "corrupt_one", "example_kind", "get", "merge_kinds", "parse_spec",
+           "register", "section_from"]
 
 
 def corrupt_one(objective: Objective, clean: Batch, key: jax.Array):

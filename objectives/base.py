@@ -35,7 +35,7 @@ import dataclasses
 import types
 import typing
 import zlib
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -45,23 +45,82 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
+class Feature:
+  """A host-side field the example builder adds to every example because an objective's
+  `ExampleKind` asks for it (numpy, never jax).
+
+  name: the field; per_token: an int32 [L] field (else a scalar []); prepare: called once
+  per dataset as prepare(context) -> make, with `context` a bert_jax.data.examples
+  `FeatureContext` (the corpus and the tokenizer, e.g. its `pieces()`); then
+  make(example, offsets) -> the field, for one assembled example and `offsets` (int64 [L],
+  the corpus token index of each position, -1 for [CLS], [SEP] and padding). Batches built
+  without the builder (the shape-only batches of initialisation and FLOP counting) get
+  `fill` (`ExampleKind.complete`).
+  """
+
+  name: str
+  prepare: Callable[[Any], Callable[[dict, Any], Any]]
+  per_token: bool = True
+  fill: int = 0
+
+
+# (corpus, seq_len, rng, short_seq_prob) -> [(parts, label)], parts = [(start, end,
+# segment)]: token spans of the corpus, each followed by [SEP] in the example.
+Planner = Callable[..., list]
+
+
+@dataclasses.dataclass(frozen=True)
 class ExampleKind:
   """The host-side examples an objective needs (bert_jax/data/examples.py builds them).
 
   name: the cache key and the name in logs; segments: 1 = packed single segments (full
-  sentences), 2 = a segment pair with a `sentence_label`; negative (pairs): how label 1 is
-  made: "random_document" (NSP: B from another document) or "swap" (SOP: A and B swapped).
+  sentences), 2 = a segment pair with a `sentence_label`, more = several segments;
+  negative (pairs without a planner): how label 1 is made: "random_document" (NSP: B from
+  another document) or "swap" (SOP: A and B swapped).
+
+  planner: a host-side numpy function, declared in the objective's file, that plans the
+  examples itself: planner(corpus, seq_len, rng, short_seq_prob) -> a list of (parts,
+  label), parts a list of (start, end, segment_id) token spans of the corpus (each
+  followed by [SEP]; at most `segments` of them), label the example's `sentence_label`.
+  features: host-side fields added to every example (`Feature`); a kind with features
+  only (no planner, one segment) adds them to whatever examples the other objectives need.
   """
 
   name: str
   segments: int = 1
   negative: str = ""
+  planner: Planner | None = None
+  features: tuple[Feature, ...] = ()
 
   def __post_init__(self):
-    if self.segments not in (1, 2):
-      raise ValueError(f"ExampleKind {self.name!r}: segments must be 1 or 2")
-    if (self.segments == 2) != bool(self.negative):
-      raise ValueError(f"ExampleKind {self.name!r}: pairs need a negative, singles none")
+    if self.segments < 1:
+      raise ValueError(f"ExampleKind {self.name!r}: segments must be >= 1")
+    if self.planner is None:
+      if self.segments not in (1, 2):
+        raise ValueError(f"ExampleKind {self.name!r}: segments must be 1 or 2 without a "
+                         "planner")
+      if (self.segments == 2) != bool(self.negative):
+        raise ValueError(f"ExampleKind {self.name!r}: pairs need a negative, singles none")
+
+  @property
+  def layout(self) -> tuple:
+    """What decides the examples' text (features only add fields to them)."""
+    return (self.segments, self.negative, self.planner)
+
+  @property
+  def adds_fields_only(self) -> bool:
+    return self.layout == (1, "", None)
+
+  def complete(self, batch: dict) -> dict:
+    """`batch` with the fill value for each declared feature it lacks (shape-only
+    batches made without the builder)."""
+    missing = [f for f in self.features if f.name not in batch]
+    if not missing:
+      return batch
+    import jax.numpy as jnp
+    shape = batch["input_ids"].shape
+    return {**batch, **{f.name: jnp.full(shape if f.per_token else shape[:1], f.fill,
+                                         jnp.int32) for f in missing}}
 
 
 SINGLE = ExampleKind("single")
@@ -104,7 +163,9 @@ class View(abc.ABC):
 
   @abc.abstractmethod
   def make(self, clean: Batch, key: jax.Array) -> Batch:
-    """Pure, jittable: a dict with the encoder's "input_ids" (and the view's targets)."""
+    """Pure, jittable: a dict with the encoder's "input_ids" (and the view's targets);
+    also "attention_mask" and "segment_ids" when the view moves tokens (a deletion), which
+    the encoder then reads instead of the clean batch's."""
 
 
 @dataclasses.dataclass(frozen=True)

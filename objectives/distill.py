@@ -23,6 +23,11 @@ when the widths differ, weighted per layer by the schedule (progressive: layer l
 stage l with the layers below cut off from its gradient; all_at_once: every layer; both
 followed by pretraining distillation, the DistilBERT-mode loss; auxiliary: everything from
 the first step). The schedule reads the training step from batch["step"].
+
+Departures from DistilBERT's defaults (docs/objectives.md): the KL is taken at the masked
+positions only (DistilBERT's restrict_ce_to_mask is off: every non-pad token), and masking
+is config.mlm's uniform per-sequence choice (DistilBERT smooths it by token frequency,
+mlm_smoothing 0.7: p ~ count^-0.7).
 """
 
 from __future__ import annotations

@@ -12,9 +12,17 @@ still does not fit or touches an already chosen token.
 
 Choices made where the references are silent or differ:
   * A span never crosses a non-candidate token ([CLS], [SEP], padding): spans are runs of
-    consecutive units inside one stretch of candidates. Near the end of a stretch the length
-    is sampled from the law restricted to the units available there (ALBERT does this at
-    the end of the sequence, where its n-gram lists get shorter).
+    consecutive units inside one stretch of candidates. Near the end of a stretch, by
+    default, the length is sampled from the law restricted to the units available there
+    (renormalised). ALBERT does not renormalise: it samples n from the full law and its
+    n-gram lists near the end of the sequence are shorter, so the span is truncated to
+    what is left (the lengths that do not fit give their mass to the longest that does);
+    ``truncate_spans=True`` does that (the albert preset sets it).
+  * Whole-word units are the tokenizer's words: a piece starting with the word-boundary
+    marker (and each sentence's first token) starts a word, so a punctuation piece such as
+    "," that follows a word without a space belongs to that word. ALBERT's
+    ``_is_start_piece_sp`` also makes every single-punctuation piece (and "<...>" pieces)
+    a start of its own: there "word," is two units, here one.
   * "geometric" is SpanBERT's law: p(n) ∝ span_p * (1 - span_p)^(n - 1) for n <= max_span,
     renormalised (mean 3.8 for p=0.2, max 10), not min(Geometric, max_span).
   * ``round`` is Python's (half to even), evaluated on the host for every possible length,
@@ -30,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _SPANS = ("none", "ngram", "geometric")
+REPLACEMENTS = ("mask", "unk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +54,8 @@ class MaskingConfig:
   max_ngram: int = 3
   span_p: float = 0.2
   max_span: int = 10
+  truncate_spans: bool = False  # ALBERT: truncate near a stretch's end, not renormalise
+  replace_with: str = "mask"  # "mask": [MASK] | "unk": [UNK] (the masked branch's token)
 
   def __post_init__(self):
     def check(ok, field, msg):
@@ -70,6 +81,7 @@ class MaskingConfig:
           "span_p", "must be in (0, 1]")
     check(_is_int(self.max_span) and self.max_span >= 1,
           "max_span", "must be an integer >= 1")
+    check(self.replace_with in REPLACEMENTS, "replace_with", f"must be one of {REPLACEMENTS}")
 
 
 def _is_int(x) -> bool:
@@ -141,7 +153,8 @@ def select_positions(key, word_ids, attention_mask, cfg: MaskingConfig) -> jax.A
     region = (stretch == stretch[start]) & cand & (offset >= 0)
     available = jnp.max(jnp.where(region, offset, -1)) + 1  # units left in the stretch
     # n ~ p(n) restricted to n <= available (inverse CDF).
-    cdf = jnp.cumsum(jnp.where(span_len <= available, probs, 0.0))
+    cdf = jnp.cumsum(probs if cfg.truncate_spans else
+                     jnp.where(span_len <= available, probs, 0.0))
     n = 1 + jnp.sum(cdf < u * cdf[-1])
     n = jnp.clip(n, 1, jnp.maximum(available, 1))
     # Tokens covered by spans of 1..K units; keep the longest <= n that fits the budget.
@@ -177,7 +190,7 @@ def mask_batch(keys, input_ids, word_ids, attention_mask, cfg: MaskingConfig, *,
     word_ids: int [B, L], see select_positions.
     attention_mask: int or bool [B, L].
     cfg: the masking config.
-    mask_id: id of [MASK].
+    mask_id: id of [MASK] (the caller passes [UNK]'s for ``replace_with="unk"``).
     first_regular_id: random replacements are drawn from [first_regular_id, vocab_size).
     vocab_size: size of the vocabulary.
 

@@ -83,6 +83,8 @@ class MLMConfig:
   max_ngram: int = 3
   span_p: float = 0.2
   max_span: int = 10
+  truncate_spans: bool = False  # ALBERT's n-grams near a stretch's end: truncated (albert preset)
+  replace_with: str = "mask"  # mask | unk: the token of the masked branch ([MASK] or [UNK])
   static: bool = False  # BERT's offline masks: at most dupe_factor different masks per example
   dupe_factor: int = 10
   predict_all: bool = False  # vocabulary logits at every position, then gather (slower)
@@ -95,7 +97,8 @@ class MLMConfig:
     return MaskingConfig(
         rate=self.rate, max_predictions=self.max_predictions, mask_prob=self.mask_prob,
         random_prob=self.random_prob, whole_word=self.whole_word, span=self.span,
-        max_ngram=self.max_ngram, span_p=self.span_p, max_span=self.max_span)
+        max_ngram=self.max_ngram, span_p=self.span_p, max_span=self.max_span,
+        truncate_spans=self.truncate_spans, replace_with=self.replace_with)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +136,8 @@ class MaskedView(View):
   def make(self, clean, key):
     return mask_batch(
         self.example_keys(clean, key), clean["input_ids"], clean["word_ids"],
-        clean["attention_mask"], self.masking, mask_id=self.special.mask,
+        clean["attention_mask"], self.masking,
+        mask_id=self.special.unk if self.masking.replace_with == "unk" else self.special.mask,
         first_regular_id=self.special.first_regular, vocab_size=self.special.vocab_size)
 
 

@@ -24,13 +24,14 @@ from objectives.mlm import MaskedView
 
 class PairClassifierHead(nn.Module):
   cfg: Any
+  num_classes: int = 2
 
   @nn.compact
   def __call__(self, encoded, batch, encoder, *, deterministic: bool):
     del batch, encoder
     pooled = heads.Pooler(self.cfg, name="pooler")(encoded["hidden_states"])
     # BERT's pretraining heads apply no dropout after the pooler.
-    return heads.Classifier(self.cfg, 2, dropout=0.0, name="classifier")(
+    return heads.Classifier(self.cfg, self.num_classes, dropout=0.0, name="classifier")(
         pooled, deterministic=deterministic)
 
 
@@ -73,7 +74,8 @@ class PairConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SentencePairObjective(Objective):
-  """Subclasses set `name` and `example_kind` (a pair ExampleKind)."""
+  """Subclasses set `name` and `example_kind` (a pair ExampleKind, or a kind with its
+  own planner) and, for more than two labels, `num_classes`."""
 
   Config = PairConfig
 
@@ -96,8 +98,10 @@ class SentencePairObjective(Objective):
   def hf_head(cls, encoder_config, name):
     return PairLogits(encoder_config, name=name)
 
+  num_classes = 2  # sentence_label takes values 0..num_classes-1
+
   def head(self, encoder_config, name):
-    return PairClassifierHead(encoder_config, name=name)
+    return PairClassifierHead(encoder_config, self.num_classes, name=name)
 
   def loss(self, outputs, inputs):
     return pair_loss(outputs, inputs["sentence_label"])

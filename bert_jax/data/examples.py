@@ -16,6 +16,14 @@ Two kinds of examples:
   ``sentence_label``, for NSP (BERT) and SOP (ALBERT), following BERT's
   ``create_instances_from_document`` (see :func:`plan_pairs` for where we depart).
 
+- **planned segments** (:func:`plan_segments`): ``[CLS] S0 [SEP] S1 [SEP] ... [PAD]...``
+  with a ``sentence_label``, for kinds whose objective declares its own host-side planner
+  (``ExampleKind.planner``: StructBERT's previous/next/random, ERNIE 2.0's reordering and
+  distance); the builder only checks, assembles and records what the planner returns.
+
+Objectives may also ask, through ``ExampleKind.features``, for host-side fields that the
+builder adds to every example (:class:`FeatureContext` is what they read).
+
 Every example is a dict of numpy arrays, ``L = seq_len``:
 
 - ``input_ids`` int32 [L]
@@ -119,7 +127,39 @@ class PairPlan:
         return int(self.labels.shape[0])
 
 
-Plan = SinglePlan | PairPlan
+@dataclasses.dataclass(frozen=True)
+class SegmentsPlan:
+    """Plan of examples made of planned segments (an objective's ``ExampleKind.planner``).
+
+    Attributes:
+      spans: int64 [M, 2], token offsets of every segment of every example, in order.
+      segments: int32 [M], the segment id of each span.
+      offsets: int64 [N + 1], example ``i`` holds spans ``offsets[i]:offsets[i + 1]``.
+      labels: int32 [N], the ``sentence_label``.
+      kind: the kind's name; seq_len: the example length L.
+    """
+
+    spans: np.ndarray
+    segments: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    kind: str
+    seq_len: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+Plan = SinglePlan | PairPlan | SegmentsPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureContext:
+    """What an objective's host-side ``Feature.prepare`` reads: the corpus and the
+    tokenizer (``tokenizer.pieces()``: the vocabulary by id)."""
+
+    corpus: TokenizedCorpus
+    tokenizer: object
 
 
 def _check_seq_len(seq_len: int, specials: int) -> None:
@@ -418,6 +458,92 @@ def plan_pairs(
     )
 
 
+def truncate_parts(parts: list[list[int]], max_tokens: int, rng: np.random.Generator) -> None:
+    """Shrinks spans (``[start, end, ...]`` lists, in place) until they fit in
+    ``max_tokens``: one token at a time from the longest (the last of equals), from its
+    front or its back with equal chance (BERT's ``truncate_seq_pair`` for any number)."""
+    lengths = [p[1] - p[0] for p in parts]
+    cut = [0] * len(parts)
+    for _ in range(max(0, sum(lengths) - max_tokens)):
+        i = max(range(len(parts)), key=lambda j: (lengths[j], j))
+        lengths[i] -= 1
+        cut[i] += 1
+    for p, k in zip(parts, cut):
+        if k:
+            front = int(rng.binomial(k, 0.5))
+            p[0] += front
+            p[1] -= k - front
+
+
+def document_chunks(corpus: TokenizedCorpus, target: int, rng: np.random.Generator,
+                    short_seq_prob: float):
+    """BERT's chunking: (document, first sentence, end sentence) runs of whole sentences
+    of one document, each grown until it reaches its target length (``target``, or
+    ``randint(2, target)`` with probability ``short_seq_prob``) or the document ends."""
+    offsets = corpus.sent_offsets
+    doc_offsets = corpus.doc_offsets.tolist()
+
+    def draw() -> int:
+        if short_seq_prob > 0 and rng.random() < short_seq_prob:
+            return int(rng.integers(2, target + 1))
+        return target
+
+    for d in range(corpus.num_documents):
+        s0, s1 = doc_offsets[d], doc_offsets[d + 1]
+        start, length, goal = s0, 0, draw()
+        for i in range(s0, s1):
+            length += int(offsets[i + 1] - offsets[i])
+            if i == s1 - 1 or length >= goal:
+                yield d, start, i + 1
+                start, length, goal = i + 1, 0, draw()
+
+
+def plan_segments(
+    corpus: TokenizedCorpus,
+    seq_len: int,
+    kind: ExampleKind,
+    short_seq_prob: float = 0.1,
+    seed: int = 0,
+    dupe_factor: int = 1,
+) -> SegmentsPlan:
+    """Plans examples with the kind's own planner (``kind.planner``), one pass per
+    ``dupe_factor`` with its own seed, and checks that every example fits.
+
+    Raises:
+      ValueError: no planner, an example with more segments than the kind declares or
+        that does not fit in ``seq_len``, or a span outside the corpus.
+    """
+    if kind.planner is None:
+        raise ValueError(f"{kind.name!r} has no planner.")
+    _check_seq_len(seq_len, kind.segments + 1)
+    if dupe_factor < 1:
+        raise ValueError(f"dupe_factor must be >= 1, got {dupe_factor}.")
+    spans, segments, offsets, labels = [], [], [0], []
+    for k in range(dupe_factor):
+        rng = np.random.default_rng([seed, k])
+        for parts, label in kind.planner(corpus, seq_len, rng, short_seq_prob):
+            n = 1 + sum(e - s + 1 for s, e, _ in parts)
+            if not 1 <= len(parts) <= kind.segments or n > seq_len:
+                raise ValueError(f"{kind.name!r} planner: an example of {len(parts)} "
+                                 f"segments and {n} tokens (at most {kind.segments} "
+                                 f"segments, {seq_len} tokens).")
+            for s, e, g in parts:
+                if not 0 <= s < e <= corpus.num_tokens:
+                    raise ValueError(f"{kind.name!r} planner: span {(s, e)} outside the corpus.")
+                spans.append((s, e))
+                segments.append(g)
+            offsets.append(len(spans))
+            labels.append(label)
+    return SegmentsPlan(
+        spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
+        segments=np.asarray(segments, dtype=np.int32),
+        offsets=np.asarray(offsets, dtype=np.int64),
+        labels=np.asarray(labels, dtype=np.int32),
+        kind=kind.name,
+        seq_len=seq_len,
+    )
+
+
 def _doc_boundaries_inside(corpus_doc_tokens: np.ndarray, start: int, end: int) -> np.ndarray:
     """Document token offsets b with start < b < end."""
     lo = np.searchsorted(corpus_doc_tokens, start, side="right")
@@ -429,20 +555,26 @@ def _assemble(
     parts: Sequence[tuple[np.ndarray, np.ndarray, int]],
     seq_len: int,
     tokenizer: SpecialIds,
+    starts_at: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``[CLS] part0 [SEP] part1 [SEP] ... [PAD]...`` from (ids, word_start, segment) parts."""
+    """``[CLS] part0 [SEP] part1 [SEP] ... [PAD]...`` from (ids, word_start, segment) parts;
+    ``starts_at``: each part's corpus token offset, recorded under the private key
+    ``_offsets`` (int64 [L], -1 for specials and padding) for the features."""
     n = 1 + sum(len(p[0]) + 1 for p in parts)
     if n > seq_len:
         raise AssertionError(f"Example of {n} tokens exceeds seq_len={seq_len}.")
     input_ids = np.full([seq_len], tokenizer.pad_id, dtype=np.int32)
     segment_ids = np.zeros([seq_len], dtype=np.int32)
     word_ids = np.full([seq_len], -1, dtype=np.int32)
+    offsets = np.full([seq_len], -1, dtype=np.int64)
     input_ids[0] = tokenizer.cls_id
     pos = 1
     words = 0
-    for ids, word_start, segment in parts:
+    for j, (ids, word_start, segment) in enumerate(parts):
         k = len(ids)
         input_ids[pos : pos + k] = ids
+        if starts_at is not None:
+            offsets[pos : pos + k] = starts_at[j] + np.arange(k)
         starts = word_start.astype(np.int32)
         starts[0] = 1  # A part always starts a word.
         word_ids[pos : pos + k] = words + np.cumsum(starts) - 1
@@ -457,6 +589,7 @@ def _assemble(
         "segment_ids": segment_ids,
         "attention_mask": attention_mask,
         "word_ids": word_ids,
+        "_offsets": offsets,
     }
 
 
@@ -467,6 +600,7 @@ def make_example(
     tokenizer: SpecialIds,
     *,
     doc_token_offsets: np.ndarray | None = None,
+    features: Sequence[tuple[str, object]] = (),
 ) -> dict[str, np.ndarray]:
     """Example ``index`` of ``plan`` (see the module docstring for the fields).
 
@@ -476,6 +610,7 @@ def make_example(
       index: in ``[0, len(plan))``.
       tokenizer: gives the [CLS], [SEP] and [PAD] ids.
       doc_token_offsets: ``corpus.doc_token_offsets``, precomputed (optional).
+      features: (field, make) pairs of prepared ``Feature``s: ``make(example, offsets)``.
     """
     index = int(index)
     if not 0 <= index < len(plan):
@@ -488,7 +623,15 @@ def make_example(
         parts = [
             (corpus.ids[a:b], corpus.word_start[a:b], 0) for a, b in zip(cuts[:-1], cuts[1:])
         ]
-        example = _assemble(parts, plan.seq_len, tokenizer)
+        example = _assemble(parts, plan.seq_len, tokenizer, cuts[:-1])
+    elif isinstance(plan, SegmentsPlan):
+        lo, hi = int(plan.offsets[index]), int(plan.offsets[index + 1])
+        spans = plan.spans[lo:hi].tolist()
+        example = _assemble(
+            [(corpus.ids[a:b], corpus.word_start[a:b], int(g))
+             for (a, b), g in zip(spans, plan.segments[lo:hi])],
+            plan.seq_len, tokenizer, [a for a, _ in spans])
+        example["sentence_label"] = np.asarray(plan.labels[index], dtype=np.int32)
     else:
         (a0, a1), (b0, b1) = plan.a_spans[index], plan.b_spans[index]
         example = _assemble(
@@ -498,9 +641,13 @@ def make_example(
             ],
             plan.seq_len,
             tokenizer,
+            [a0, b0],
         )
         example["sentence_label"] = np.asarray(plan.labels[index], dtype=np.int32)
     example["example_id"] = np.asarray(index, dtype=np.int32)
+    offsets = example.pop("_offsets")
+    for name, make in features:
+        example[name] = np.asarray(make(example, offsets), dtype=np.int32)
     return example
 
 
@@ -513,9 +660,12 @@ class Examples(Sequence):
       stats: counts for logs (documents, sentences, tokens, examples, ...).
     """
 
-    def __init__(self, corpus: TokenizedCorpus, plan: Plan, tokenizer: SpecialIds, stats: dict[str, int | str] | None = None):
+    def __init__(self, corpus: TokenizedCorpus, plan: Plan, tokenizer: SpecialIds, stats: dict[str, int | str] | None = None,
+                 features: Sequence[object] = ()):
         self.corpus = corpus
         self.plan = plan
+        context = FeatureContext(corpus, tokenizer)
+        self._features = tuple((f.name, f.prepare(context)) for f in features)
         self._specials = _Specials(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
         self._doc_token_offsets = corpus.doc_token_offsets
         self.stats = dict(stats or {})
@@ -529,7 +679,8 @@ class Examples(Sequence):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
         return make_example(
-            self.corpus, self.plan, index, self._specials, doc_token_offsets=self._doc_token_offsets
+            self.corpus, self.plan, index, self._specials, doc_token_offsets=self._doc_token_offsets,
+            features=self._features,
         )
 
     def __repr__(self) -> str:

@@ -77,6 +77,19 @@ def build_examples(
                 source_stats.description,
             )
         plan: examples_lib.Plan = examples_lib.plan_single(corpus, seq_len, packing, plan_seed)
+    elif example_kind.planner is not None:
+        if not source_stats.has_document_boundaries:
+            raise ValueError(
+                f"{example_kind.name.upper()} needs documents, but {source_stats.description} "
+                "has no document boundaries (text_format='plain').")
+        plan = examples_lib.plan_segments(
+            corpus,
+            seq_len,
+            example_kind,
+            short_seq_prob=float(data_cfg.get("short_seq_prob", 0.1)),
+            seed=plan_seed,
+            dupe_factor=int(data_cfg.get("dupe_factor", 1) or 1),
+        )
     else:
         if not source_stats.has_document_boundaries:
             raise ValueError(
@@ -107,6 +120,9 @@ def build_examples(
     if isinstance(plan, examples_lib.SinglePlan):
         stats["split_sentences"] = plan.split_sentences
         stats["packing"] = plan.packing
+    elif isinstance(plan, examples_lib.SegmentsPlan):
+        counts = np.bincount(plan.labels) / max(1, len(plan))
+        stats["label_fractions"] = ",".join(f"{x:.3f}" for x in counts)
     else:
         stats["label_1_fraction"] = round(float(plan.labels.mean()), 4) if len(plan) else 0.0
         stats["forced_random"] = plan.forced_random
@@ -118,7 +134,10 @@ def build_examples(
         logging.warning(
             "[%s] %s lines of %s were skipped: not valid UTF-8 (the training data lacks them).",
             split, f"{source_stats.skipped_non_utf8:,}", source_stats.description)
-    result = examples_lib.Examples(corpus, plan, tokenizer, stats)
+    if example_kind.features:
+        stats["features"] = ",".join(f.name for f in example_kind.features)
+    result = examples_lib.Examples(corpus, plan, tokenizer, stats,
+                                   features=example_kind.features)
     for line in describe(result):
         logging.info("%s", line)
     return result
@@ -136,7 +155,8 @@ def describe(examples: examples_lib.Examples) -> list[str]:
         f"and {s.get('empty_documents_skipped')} empty documents.",
     ]
     extra = {k: v for k, v in s.items() if k in (
-        "packing", "split_sentences", "label_1_fraction", "forced_random", "dropped_chunks")}
+        "packing", "split_sentences", "label_1_fraction", "forced_random", "dropped_chunks",
+        "label_fractions", "features")}
     if extra:
         lines.append(f"[{s.get('split')}] " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     return lines

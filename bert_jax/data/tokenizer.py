@@ -145,6 +145,11 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids``; special tokens other than padding are rendered by name."""
 
+    def pieces(self) -> list[str]:
+        """The vocabulary's pieces, by id (what host-side example features read, e.g. which
+        ids start with an uppercase letter)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its pieces")
+
     @abc.abstractmethod
     def save(self, directory: str | os.PathLike[str]) -> pathlib.Path:
         """Writes the tokenizer into ``directory`` and returns the written file's path."""
@@ -190,6 +195,9 @@ class _TableTokenizer(Tokenizer):
     def word_starts(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         return self._word_start_table[np.asarray(ids, dtype=np.int64)]
 
+    def pieces(self) -> list[str]:
+        return list(self._pieces)
+
 
 class SentencePieceTokenizer(_TableTokenizer):
     """A :class:`Tokenizer` backed by a sentencepiece model file.
@@ -234,6 +242,7 @@ class SentencePieceTokenizer(_TableTokenizer):
                 )
             self._ids[name] = found[0]
         pieces = [self._sp.id_to_piece(i) for i in range(n)]
+        self._pieces = tuple(pieces)
         self._word_start_table = np.array(
             [p.startswith(WORD_BOUNDARY) for p in pieces], dtype=bool
         )
@@ -377,6 +386,7 @@ class HFTokenizer(_TableTokenizer):
         self._first_regular = 1 + max(i for i in self._ids.values() if i < self._vocab_size // 2)
         model = json.loads(self._bytes)["model"]
         pieces = [self._tok.id_to_token(i) or "" for i in range(self._vocab_size)]
+        self._pieces = tuple(pieces)
         if model["type"] == "WordPiece":
             prefix = model.get("continuing_subword_prefix") or "##"
             starts = [not p.startswith(prefix) for p in pieces]
