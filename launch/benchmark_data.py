@@ -93,8 +93,18 @@ def prepare(corpus: pathlib.Path, out: pathlib.Path, tokenizer: str, workers: in
   return {"what": "prepare", "corpus": corpus.name, "workers": workers,
           "text_mb": info["text_bytes"] / 1e6, "seconds": round(seconds, 2),
           "mb_per_s": round(info["text_bytes"] / 1e6 / seconds, 3),
+          "mb_per_cpu_s": round(info["text_bytes"] / 1e6 / max(info["cpu_seconds"], 1e-9), 3),
           "examples": info["examples"], "shards": len(info["shards"]),
           "prepared_mb": round(sum(s["bytes"] for s in info["shards"]) / 1e6, 1)}
+
+
+def _vm(field: str) -> float:
+  """A /proc/self/status field (VmRSS, VmHWM) in MB."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
 
 
 def read_once() -> None:
@@ -107,6 +117,7 @@ def read_once() -> None:
   from bert_jax import train
 
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  rss_start = _vm("VmRSS")
   config = _config(FLAGS.tokenizer, prepared=FLAGS.prepared)
   tok = tokenizer_lib.load_tokenizer(FLAGS.tokenizer)
   kind = objectives.build(config, train.special_ids(tok)).example_kind
@@ -129,6 +140,7 @@ def read_once() -> None:
       "what": "read", "prepared": FLAGS.prepared, "examples": len(ds),
       "text_mb": round(m["text_bytes"] / 1e6, 1), "batches": FLAGS.batches,
       "peak_rss_mb": round(rss / 1024, 1), "rss_after_imports_mb": round(rss0 / 1024, 1),
+      "rss_before_dataset_mb": round(rss_start, 1), "rss_after_reading_mb": round(_vm("VmRSS"), 1),
       "tokens_per_s": round(FLAGS.batches * FLAGS.batch * FLAGS.seq_len / seconds),
       "real_tokens_per_s": round(real / seconds),
       "examples_per_s": round(FLAGS.batches * FLAGS.batch / seconds),

@@ -45,8 +45,11 @@ flags.DEFINE_integer("tfds_docs_per_shard", 20_000, "Input shard size of a tfds 
 
 def main(argv):
   del argv
+  import logging
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
+  # apache_beam's import warns that the GCP clients are absent (not needed here).
+  logging.getLogger().addFilter(lambda r: "apitools not found" not in r.getMessage())
   from bert_jax.data import prepare
 
   options = prepare.pipeline_options(FLAGS.runner, FLAGS.direct_num_workers,

@@ -294,7 +294,7 @@ def build_shard(unit: Unit, spec: ShardSpec, tokenizer: Any) -> dict[str, Any]:
     """Reads, tokenizes, plans and writes one shard; returns its manifest entry."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     docs, read = read_unit(unit)
     corpus = corpus_lib.tokenize_documents(docs, tokenizer, progress=False)
     del docs
@@ -344,7 +344,8 @@ def build_shard(unit: Unit, spec: ShardSpec, tokenizer: Any) -> dict[str, Any]:
         "corpus_tokens": corpus.num_tokens, "text_bytes": read.text_bytes,
         "skipped_non_utf8": read.skipped_non_utf8,
         "empty_documents_skipped": read.empty_documents_skipped, "plan": plan_stats,
-        "note": note, "seconds": round(time.perf_counter() - t0, 3), "unit": unit.describe(),
+        "note": note, "seconds": round(time.perf_counter() - t0, 3),
+        "cpu_seconds": round(time.process_time() - cpu0, 3), "unit": unit.describe(),
         "job": spec.job_key,
     }
     _atomic_write_text(entry_path(spec.out_dir, unit.file), json.dumps(entry, indent=1))
@@ -483,9 +484,11 @@ def _manifest(out_dir: pathlib.Path, units: dict[str, list[Unit]], job: dict[str
             if e is None:
                 raise RuntimeError(f"Shard {u.file} is not complete after the pipeline ran.")
             entries.append({k: v for k, v in e.items() if k not in ("job",)})
+        splits_cpu = sum(e.get("cpu_seconds", 0.0) for e in entries)
         keys = ("examples", "tokens", "documents", "sentences", "corpus_tokens", "text_bytes",
                 "skipped_non_utf8", "empty_documents_skipped")
         splits[split] = {k: int(sum(e[k] for e in entries)) for k in keys}
+        splits[split]["cpu_seconds"] = round(splits_cpu, 2)
         splits[split]["shards"] = entries
         if spec.kind.segments == 2 and splits[split]["examples"]:
             splits[split]["label_1_fraction"] = round(
