@@ -18,9 +18,10 @@ setup(
         "orbax-checkpoint>=0.11.20,<0.13",
         "grain>=0.2.12,<0.3",
         "tensorflow-datasets>=4.9.9,<5",
-        "array-record>=0.7",
-        # 0.2.1: 0.2.2+ ship a model proto generated for protobuf >= 7, and apache-beam (data
-        # preparation) needs protobuf < 7; transformers' tokenizer export reads that proto.
+        "array-record>=0.7,<1",
+        "apache-beam>=2.60,<3",  # launch/prepare_data.py (offline preparation into ArrayRecord)
+        # 0.2.1: 0.2.2+ ship a model proto generated for protobuf >= 7, and apache-beam needs
+        # protobuf < 7; transformers' tokenizer export reads that proto.
         "sentencepiece>=0.2,<0.2.2",
         "tokenizers>=0.20,<1",  # imported checkpoints' tokenizer.json (WordPiece, BPE)
         "ml-collections>=1.0,<2",

@@ -61,7 +61,9 @@ def base_config(size: str) -> ml_collections.ConfigDict:
       tfds_name="", tfds_data_dir="", tfds_text_key="text", train_split="train",
       eval_split="validation", seq_len=seq, packing="full_sentences", short_seq_prob=0.1,
       dupe_factor=1, tokenizer="", vocab_size=c.model.vocab_size, tokenizer_type="unigram",
-      num_threads=0, cache_dir=""))
+      num_threads=0, cache_dir="",
+      # a directory of launch/prepare_data.py: read its ArrayRecord shards instead of the source
+      prepared=""))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=batch, steps=steps, grad_accum=1, log_every=20, eval_every=200,
       eval_batches=8, checkpoint_every=200, keep=3, keep_best=True, async_checkpoint=True,

@@ -179,6 +179,8 @@ def build_dataset(
       tokenizer: the run's tokenizer.
       split: "train" or "eval".
       seed: seed of the example plan (pairs); the same seed gives the same examples.
+        With ``data_cfg.prepared`` (a directory of ``launch/prepare_data.py``) the
+        examples are read from its shards instead (the seed is the preparation's).
       example_kind: the examples the objectives need (``objectives.example_kind``).
       workdir: the run's workdir (the corpus cache lives in it unless
         ``data_cfg.cache_dir`` is set).
@@ -188,6 +190,11 @@ def build_dataset(
       ValueError: see :func:`build_examples`; also fewer examples than
         ``global_batch_size``.
     """
+    if data_cfg.get("prepared"):  # Sharded ArrayRecord files of launch/prepare_data.py.
+        from bert_jax.data import arrayrecord
+
+        return arrayrecord.build_dataset(data_cfg, tokenizer, split, example_kind=example_kind,
+                                         global_batch_size=global_batch_size)
     examples = build_examples(
         data_cfg, tokenizer, split, seed=seed, example_kind=example_kind, workdir=workdir
     )

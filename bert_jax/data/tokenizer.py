@@ -573,7 +573,8 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
 
     In order:
 
-    1. ``data_cfg.tokenizer`` set: load it, and copy it to ``workdir/tokenizer.model``
+    1. ``data_cfg.tokenizer`` set (else, with ``data_cfg.prepared``, the prepared
+       directory's tokenizer): load it, and copy it to ``workdir/tokenizer.model``
        (a workdir holds everything of its run). A workdir already holding a *different*
        tokenizer is an error (resuming a run with another tokenizer would be silent
        nonsense).
@@ -583,19 +584,22 @@ def ensure_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: str | os.Path
     """
     workdir = pathlib.Path(workdir)
     in_workdir = workdir_tokenizer(workdir)
-    if data_cfg.get("tokenizer"):
-        tok = load_tokenizer(data_cfg.tokenizer)
+    configured = data_cfg.get("tokenizer") or ""
+    if not configured and data_cfg.get("prepared"):  # The prepared examples' tokenizer.
+        configured = str(workdir_tokenizer(data_cfg.prepared) or "")
+    if configured:
+        tok = load_tokenizer(configured)
         if in_workdir is not None:
             existing = load_tokenizer(in_workdir)
             if existing.fingerprint != tok.fingerprint:
                 raise ValueError(
                     f"{in_workdir} (fingerprint {existing.fingerprint}) differs from the "
-                    f"configured tokenizer {data_cfg.tokenizer} (fingerprint "
+                    f"configured tokenizer {configured} (fingerprint "
                     f"{tok.fingerprint}); use a fresh workdir or the same tokenizer."
                 )
         else:
             tok.save(workdir)
-        logging.info("Using tokenizer %s (vocab_size=%d).", data_cfg.tokenizer, tok.vocab_size)
+        logging.info("Using tokenizer %s (vocab_size=%d).", configured, tok.vocab_size)
         return tok
     if in_workdir is not None:
         tok = load_tokenizer(in_workdir)
