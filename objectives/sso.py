@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 
 import objectives
 from bert_jax.data import examples as ex

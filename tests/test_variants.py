@@ -5,13 +5,10 @@ valid (each loss what it gives alone) or refused, with test_composition's check.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,10 +16,10 @@ import objectives
 from bert_jax import train
 from bert_jax.data import examples as examples_lib
 from objectives import cap, sdp, sro, sso, tdd, tdr, wso
-from objectives.base import SpecialIds
+from tests import test_composition
 from tests.conftest import tiny_config
 from tests.test_pairs import Specials, doc_of_token, make_corpus
-from tests.test_train import SPECIAL, random_batch
+from tests.test_train import SPECIAL
 
 VARIANTS = ("wso", "tdd", "cap", "tdr", "sso", "sdp", "sro")
 SEQ_LEN = 64
@@ -30,68 +27,17 @@ SEQ_LEN = 64
 
 # ----------------------------------------------------------------------------- composition
 # test_composition.py's check (a fixed batch and key; each objective's metrics beside MLM
-# equal its metrics alone, with the same parameters), for the variants.
+# equal its metrics alone, with the same parameters), for the variants; the slow pair walk
+# there covers every pair of registered objectives.
 
 
 def config_for(names):
-  c = tiny_config("unused")
-  c.objectives = ",".join(f"{n}:1.0" for n in names)
-  c.model.update(dict(hidden_dropout=0.0, attention_dropout=0.0))
-  c.mesh.data = 1
-  c.wso.max_ngrams = 6
-  return c
-
-
-def clean_batch():
-  b = random_batch(0, batch=4)
-  rng = np.random.default_rng(1)
-  b["segment_ids"][:, 32:] = 1
-  b["sentence_label"] = np.array([0, 1, 2, 1], np.int32)
-  real = (b["word_ids"] >= 0)
-  b["cap_labels"] = np.where(real, rng.integers(0, 2, b["input_ids"].shape), -1).astype(np.int32)
-  b["uncased_ids"] = np.where(real, b["input_ids"] // 2 * 2, b["input_ids"]).astype(np.int32)
-  b["tdr_labels"] = np.where(real, rng.integers(0, 2, b["input_ids"].shape), -1).astype(np.int32)
-  return jax.tree.map(np.asarray, b)
-
-
-def loss_and_grads(setup, params, batch):
-  corrupted = train.corrupt(setup, batch, jax.random.PRNGKey(11))
-  (_, metrics), grads = jax.value_and_grad(train.compute_loss, has_aux=True)(
-      params, setup, corrupted, jax.random.PRNGKey(12), False)
-  return metrics, jax.tree.reduce(lambda a, g: a + jnp.sum(g * g), grads, 0.0)
-
-
-def init_params(setup, batch):
-  corrupted = train.corrupt(setup, batch, jax.random.PRNGKey(0))
-  return nn.meta.unbox(jax.jit(lambda b: setup.model.init(
-      jax.random.PRNGKey(1), b, deterministic=True))(corrupted)["params"])
-
-
-def metrics_of(names):
-  setup = train.build_setup(config_for(names), SPECIAL)
-  params = init_params(setup, clean_batch())
-  m, g = jax.jit(functools.partial(loss_and_grads, setup))(params, clean_batch())
-  return setup, params, jax.device_get(m), float(g)
+  return test_composition.config_for(names, "")
 
 
 def check(names, cache):
-  setup, params, together, grad_sq = metrics_of(names)
-  assert np.isfinite(grad_sq) and grad_sq > 0, names
-  for w in setup.objectives:
-    name = w.objective.name
-    if name not in cache:
-      _, p, m, _ = metrics_of((name,))
-      cache[name] = (p, m)
-    alone_params, alone = cache[name]
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        alone_params, {k: params[k] for k in alone_params})
-    assert all(jax.tree.leaves(same)), (names, name)
-    mine = sorted(k for k in together if k.startswith(name + "/"))
-    assert mine and mine == sorted(k for k in alone if k.startswith(name + "/")), (names, name)
-    for k in mine:
-      np.testing.assert_allclose(np.asarray(together[k]), np.asarray(alone[k]), rtol=2e-5,
-                                 atol=1e-6, err_msg=f"{names}: {k}")
-  return setup
+  assert test_composition.check(names, "", cache) == "valid", names
+  return train.build_setup(config_for(names), SPECIAL)
 
 
 def test_each_variant_beside_mlm():
@@ -126,7 +72,7 @@ def test_mlm_replace_with_unk():
   c = config_for(("mlm",))
   c.mlm.replace_with = "unk"
   setup = train.build_setup(c, SPECIAL)
-  batch = clean_batch()
+  batch = test_composition.clean_batch()
   inputs = setup.objectives.inputs(train.corrupt(setup, batch, jax.random.PRNGKey(3)),
                                    setup.objectives[0].objective)
   ids = np.asarray(inputs["input_ids"])
@@ -228,10 +174,10 @@ def test_tdd_statistics_labels_and_leak():
 
 def test_tdd_view_moves_segments_and_mask_into_the_encoder():
   setup = train.build_setup(config_for(("tdd",)), SPECIAL)
-  batch = train.corrupt(setup, clean_batch(), jax.random.PRNGKey(0))
+  batch = train.corrupt(setup, test_composition.clean_batch(), jax.random.PRNGKey(0))
   view = batch["views"][0]
   assert (np.asarray(view["attention_mask"]).sum(1)
-          < np.asarray(clean_batch()["attention_mask"]).sum(1)).all()
+          < np.asarray(test_composition.clean_batch()["attention_mask"]).sum(1)).all()
   assert set(np.unique(np.asarray(view["segment_ids"]))) <= {0, 1}
 
 

@@ -32,7 +32,6 @@ with ``example_id`` = the record's global index in the split (shards in manifest
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os

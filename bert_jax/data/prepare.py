@@ -31,7 +31,6 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 
 from bert_jax.data import arrayrecord
 from bert_jax.data import bundled
