@@ -27,7 +27,7 @@ TINY = ["--config.objectives=mlm:1.0", "--config.model.vocab_size=512",
         "--config.mlm.max_predictions=10"]
 
 
-def cli(module, *args, timeout=300):
+def cli(module, *args, timeout=900):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -61,7 +61,7 @@ def test_every_checkpoint_unreadable_stops_with_their_steps(tmp_path, reference_
   train.train_and_evaluate(config, str(wd), stop_after=4)
   damage(wd)
   r = subprocess.run(pretrain_command(config, wd), cwd=REPO, env=ENV, capture_output=True,
-                     text=True, timeout=300)
+                     text=True, timeout=900)
   assert_one_message(r, 1, "steps [2, 4] are unreadable", str(wd / "checkpoints"),
                      "restart_if_unreadable=True")
   assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]  # left in place
@@ -242,7 +242,7 @@ def test_a_swapped_tokenizer_is_refused_naming_both_fingerprints(tmp_path, bundl
   second = tokenizer_lib.load_tokenizer(wd).fingerprint
   assert first != second
   r = subprocess.run(pretrain_command(c, wd, **{"train.steps": 2}), cwd=REPO, env=ENV,
-                     capture_output=True, text=True, timeout=300)
+                     capture_output=True, text=True, timeout=900)
   assert_one_message(r, 2, first, second, "tokenizer differs")
 
 
@@ -297,7 +297,7 @@ def test_extending_steps_on_resume_is_refused_unless_allowed(tmp_path, bundled_t
   wd = tmp_path / "w"
   train.train_and_evaluate(c, str(wd))
   r = subprocess.run(pretrain_command(c, wd, **{"train.steps": 4}), cwd=REPO, env=ENV,
-                     capture_output=True, text=True, timeout=300)
+                     capture_output=True, text=True, timeout=900)
   assert_one_message(r, 2, "train.steps changes from 2 to 4 on resume",
                      "allow_schedule_change=True", "--config.train.steps=2")
   c.train.steps, c.train.allow_schedule_change = 4, True
