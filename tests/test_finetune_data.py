@@ -39,8 +39,12 @@ def test_csv_and_jsonl_files(tmp_path):
   assert tr.records == [{"text": "Good news", "text_pair": "Yes", "label": 1},
                         {"text": "A, b", "text_pair": "No", "label": 0}]
   assert tr.skipped == {"no usable label": 1}
+  with pytest.raises(ValueError, match=r"1 of 2 records have a label outside"):
+    readers.read_split(t, "dev", tr.label_names)  # unseen dev labels: an error by default
+  t.drop_unknown_labels = True
   dv = readers.read_split(t, "dev", tr.label_names)
-  assert [r["label"] for r in dv.records] == [1] and dv.skipped == {"no usable label": 1}
+  assert [r["label"] for r in dv.records] == [1]
+  assert dv.skipped == {"label not in the label set": 1}
   with pytest.raises(ValueError, match="no field 'txt'.*task"):
     readers.read_split(task_cfg(train_files=str(train), text_key="txt"), "train")
   with pytest.raises(ValueError, match="No file matches"):

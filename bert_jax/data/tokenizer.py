@@ -314,15 +314,9 @@ class SentencePieceTokenizer(_TableTokenizer):
                 spans.append((b, e))
                 continue
             part = text[b:e]
-            proto = self._sp.encode_as_proto(part)
-            raw = part.encode("utf-8")
-            char_of_byte = np.zeros(len(raw) + 1, np.int64)
-            pos = 0
-            for i, ch in enumerate(part):
-                n = len(ch.encode("utf-8"))
-                char_of_byte[pos:pos + n] = i
-                pos += n
-            char_of_byte[len(raw)] = len(part)
+            proto = self._sp.encode_as_immutable_proto(part)
+            # The immutable proto's begin/end are character offsets already.
+            char_of_byte = np.arange(len(part) + 1, dtype=np.int64)
             for p in proto.pieces:
                 pb, pe = int(char_of_byte[p.begin]), int(char_of_byte[p.end])
                 while pb < pe and part[pb].isspace():

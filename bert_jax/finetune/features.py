@@ -84,16 +84,9 @@ def encode_with_offsets(tok: Tokenizer, text: str) -> tuple[list[int], np.ndarra
   if path is None:
     raise ValueError(f"{type(tok).__name__} gives no character offsets; extractive QA needs "
                      "a sentencepiece tokenizer")
-  proto = _sentencepiece(str(path)).encode_as_proto(text)
-  raw = text.encode("utf-8")
-  # byte offset -> character offset (valid at character boundaries and at len(raw))
-  char_of_byte = np.zeros(len(raw) + 1, np.int64)
-  pos = 0
-  for i, ch in enumerate(text):
-    n = len(ch.encode("utf-8"))
-    char_of_byte[pos:pos + n] = i
-    pos += n
-  char_of_byte[len(raw)] = len(text)
+  proto = _sentencepiece(str(path)).encode_as_immutable_proto(text)
+  # The immutable proto's begin/end are character offsets already.
+  char_of_byte = np.arange(len(text) + 1, dtype=np.int64)
   ids, spans = [], []
   for p in proto.pieces:
     b, e = char_of_byte[p.begin], char_of_byte[p.end]
