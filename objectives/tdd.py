@@ -15,15 +15,13 @@ tokens, so predicting "no deletion" everywhere scores about 0.85 accuracy; AUC 0
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import objectives
-from bert_jax import heads
 from objectives.base import Objective, SpecialIds, View
+from objectives.cap import TokenLogits
 from objectives.rtd import discriminator_loss
 
 
@@ -73,15 +71,6 @@ class DeletedView(View):
             "tdd_labels": labels, "tdd_weights": weights}
 
 
-class TDDHead(nn.Module):
-  cfg: Any
-
-  @nn.compact
-  def __call__(self, encoded, batch, encoder, *, deterministic: bool):
-    del batch, encoder, deterministic
-    return heads.DiscriminatorHead(self.cfg, name="head")(encoded["hidden_states"])
-
-
 @objectives.register
 @dataclasses.dataclass(frozen=True)
 class TokenDeletion(Objective):
@@ -98,7 +87,7 @@ class TokenDeletion(Objective):
     return self.deleted
 
   def head(self, encoder_config, name):
-    return TDDHead(encoder_config, name=name)
+    return TokenLogits(encoder_config, name=name)
 
   def loss(self, outputs, inputs):
     return discriminator_loss(outputs, inputs["tdd_labels"], inputs["tdd_weights"])
