@@ -28,6 +28,11 @@ def register(cls: type[Objective]) -> type[Objective]:
   return cls
 
 
+def unregister(name: str) -> None:
+  """Removes an objective registered from outside this package (a notebook's, a test's)."""
+  _REGISTRY.pop(name, None)
+
+
 def available() -> list[str]:
   _import_builtin()
   return sorted(_REGISTRY)

@@ -61,7 +61,6 @@ class DetectionHead(nn.Module):
     return nn.Dense(1, name="dense")(encoded["hidden_states"])[..., 0].astype(jnp.float32)
 
 
-@objectives.register
 @dataclasses.dataclass(frozen=True)
 class ShuffledTokenDetection(Objective):
   name = "std"
@@ -87,6 +86,16 @@ class ShuffledTokenDetection(Objective):
     correct = jnp.sum(((outputs > 0) == (y > 0)) * w)
     return jnp.sum(ce * w) / n, {"loss": (jnp.sum(ce * w), n), "accuracy": (correct, n),
                                  "moved_fraction": (jnp.sum(y * w), n)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+  """Registered while this file's tests run only: pytest imports every test file in each
+  worker, and a registry holding "std" would give every other test's config a `std`
+  section that the subprocesses they launch do not know."""
+  objectives.register(ShuffledTokenDetection)
+  yield
+  objectives.unregister(ShuffledTokenDetection.name)
 
 
 def test_the_view_moves_about_rate_of_the_tokens():
