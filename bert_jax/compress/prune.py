@@ -222,3 +222,39 @@ def drop_layers(cfg: EncoderConfig, params: Any, drop: Iterable[int]
   if pruned is not None and not any(pruned):
     pruned = None
   return dataclasses.replace(cfg, num_layers=len(keep), pruned_heads=pruned), params
+
+
+def pad_pruned_heads(cfg: EncoderConfig, params: Any) -> tuple[EncoderConfig, Any]:
+  """The pruned model as a full-width one computing the same function: every removed head
+  back at its index with zero query/key/value weights and biases and zero output rows
+  (its context is 0, so it adds nothing). For consumers that cannot prune on load
+  (transformers 5.x dropped `PreTrainedModel.prune_heads` and config.pruned_heads)."""
+  if not cfg.pruned_heads:
+    return cfg, params
+  params = dict(params)
+  encoder = dict(params["encoder"])
+  for i in range(cfg.num_layers):
+    kept = kept_heads(cfg, i)
+    if len(kept) == cfg.num_heads:
+      continue
+    layer = dict(encoder[f"layer_{i}"])
+    out = {}
+    for name, sub in layer["attention"].items():
+      def pad(v, axis):
+        v = np.asarray(v)
+        shape = list(v.shape)
+        shape[axis] = cfg.num_heads
+        full = np.zeros(shape, v.dtype)
+        index = [slice(None)] * v.ndim
+        index[axis] = np.asarray(kept)
+        full[tuple(index)] = v
+        return full
+      if isinstance(sub, dict) or hasattr(sub, "items"):
+        out[name] = {leaf: pad(v, _HEAD_AXES[(name, leaf)]) if (name, leaf) in _HEAD_AXES
+                     else v for leaf, v in sub.items()}
+      else:
+        out[name] = pad(sub, _HEAD_AXES[(name,)]) if (name,) in _HEAD_AXES else sub
+    layer["attention"] = out
+    encoder[f"layer_{i}"] = layer
+  params["encoder"] = encoder
+  return dataclasses.replace(cfg, pruned_heads=None), params

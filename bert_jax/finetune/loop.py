@@ -147,6 +147,12 @@ def _to_host(tree):
 def build(config, init: restore.Init, n_out: int, total_steps: int):
   task = TaskObjective(config.task.kind, n_out, config.model.classifier_dropout)
   model = PretrainModel(init.encoder_config, (task,))
+  quant = config.get("quant") or {}
+  if quant.get("mode", "none") not in ("none", "qat"):
+    raise ValueError(f"quant.mode={quant.get('mode')!r} is not one of ('none', 'qat')")
+  if quant.get("mode", "none") == "qat":  # qwix fake quantization (bert_jax.compress)
+    from bert_jax.compress import quantize
+    model = quantize.qat_model(model, quant.get("act", "int8"))
   tx = make_optimizer(config, total_steps, init.encoder_config)
   return train.Setup(model, (objectives_lib.WeightedObjective(task, 1.0),), tx,
                      int(config.train.grad_accum))
