@@ -111,7 +111,7 @@ class EncoderConfig:
   # Structured pruning (bert_jax.compress): per layer, the original indices of the heads
   # removed from it (transformers' config.pruned_heads as a tuple); None: every head kept.
   # Layer i then has num_heads - len(pruned_heads[i]) heads of head_dim each.
-  pruned_heads: tuple[tuple[int, ...], ...] | None = None
+  pruned_heads: tuple | None = None  # tuple[tuple[int, ...], ...]: one per layer
 
   def __post_init__(self):
     def check(ok, field, msg):

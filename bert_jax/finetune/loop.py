@@ -154,8 +154,8 @@ def build(config, init: restore.Init, n_out: int, total_steps: int):
     from bert_jax.compress import quantize
     model = quantize.qat_model(model, quant.get("act", "int8"))
   tx = make_optimizer(config, total_steps, init.encoder_config)
-  return train.Setup(model, (objectives_lib.WeightedObjective(task, 1.0),), tx,
-                     int(config.train.grad_accum))
+  return train.Setup(model, objectives_lib.compose((objectives_lib.WeightedObjective(task, 1.0),)),
+                     tx, int(config.train.grad_accum))
 
 
 def dummy_batch(kind: str, n_out: int, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
