@@ -89,7 +89,9 @@ def main(argv):
   rng = np.random.default_rng(0)
   batches = {b: {"input_ids": rng.integers(5, 500, (b, FLAGS.seq_len)).astype(np.int32),
                  "segment_ids": np.zeros((b, FLAGS.seq_len), np.int32),
-                 "attention_mask": np.ones((b, FLAGS.seq_len), np.int32)} for b in sizes}
+                 "attention_mask": np.ones((b, FLAGS.seq_len), np.int32),
+                 "example_weight": np.ones((b,), np.float32),
+                 "label": np.zeros((b,), np.int32)} for b in sizes}
   fns = []
   for apply_fn, params, _ in rows:
     f = jax.jit(apply_fn)

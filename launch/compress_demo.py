@@ -1,10 +1,10 @@
 r"""docs/compression.md's table: one pretrained encoder, fine-tuned with 3 seeds on the
 bundled task, each compressed every way; prints and writes ROOT/summary.json.
 
-  python -m launch.compress_demo --pretrain runs/c6/pretrain --root runs/c6 [--epochs 1]
+  python -m launch.compress_demo --pretrain runs/c6/pretrain --root runs/c6 [--epochs 1 --lr 5e-4]
 
-Fine-tuning is launch.demo's recipe (configs/finetune.py:bundled, lr 3e-4, batch 32,
-length 64) for `--epochs`. Per seed: int8 PTQ, heads 30% / 50% (one-shot), QAT (the same
+Fine-tuning is launch.demo's recipe (configs/finetune.py:bundled, batch 32, length 64)
+with `--lr` (5e-4) for `--epochs`. Per seed: int8 PTQ, heads 30% / 50% (one-shot), QAT (the same
 fine-tuning with quant.mode=qat, then int8), layers top:2 / top:4 dropped then fine-tuned
 again for `--epochs`. Seed 0 also gets one-shot layer dropping (no fine-tuning).
 Workdirs that are complete are reused, so the command resumes.
@@ -23,6 +23,7 @@ flags.DEFINE_string("pretrain", "runs/c6/pretrain", "Pretraining workdir.")
 flags.DEFINE_string("root", "runs/c6", "Where the runs go.")
 flags.DEFINE_float("epochs", 1.0, "Fine-tuning epochs (and after layer dropping).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
+flags.DEFINE_float("lr", 5e-4, "Fine-tuning learning rate.")
 
 
 def main(argv):
@@ -46,7 +47,8 @@ def main(argv):
   for s in seeds:
     ft = os.path.join(root, f"ft_s{s}")
     if not os.path.isfile(os.path.join(ft, "results.json")):
-      c = demo_config(os.path.abspath(FLAGS.pretrain), train__epochs=FLAGS.epochs)
+      c = demo_config(os.path.abspath(FLAGS.pretrain), train__epochs=FLAGS.epochs,
+                      optim__lr=FLAGS.lr)
       c.seed = s
       print(f"== fine-tuning seed {s} -> {ft}", flush=True)
       finetune(c, ft, quiet=True)
@@ -75,9 +77,33 @@ def main(argv):
           "int8_bytes": rec.get("int8_bytes"), "checkpoint_bytes": rec["checkpoint_bytes"],
           "qat_fake_quant_dev": rec.get("qat_fake_quant_dev")}
       save()
-  print(json.dumps({k: {s: round(v[s]["dev"]["accuracy"] if "dev" in v[s] else
-                                 v[s]["accuracy"], 4) for s in v}
-                    for k, v in summary.items()}, indent=1), flush=True)
+  print(table(summary), flush=True)
+
+
+def table(summary) -> str:
+  """Markdown: dev accuracy mean +- sd over seeds (one-shot / QAT fake-quant beside)."""
+  import numpy as np
+
+  def acc(d):
+    return d["accuracy"] if "accuracy" in d else d["dev"]["accuracy"]
+
+  def ms(values):
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.4f} (n={len(v)})"
+
+  lines = ["| model | dev accuracy | note |", "|---|---|---|"]
+  for name, runs in summary.items():
+    note = ""
+    first = next(iter(runs.values()))
+    if name != "fp32" and first.get("oneshot_dev") and name.startswith("layers") and (
+        "oneshot" not in name):
+      note = "before re-fine-tuning: " + ms([r["oneshot_dev"]["accuracy"]
+                                              for r in runs.values()])
+    if first.get("qat_fake_quant_dev"):
+      note = "QAT run's own dev (fake quant, dynamic scales): " + ms(
+          [r["qat_fake_quant_dev"]["accuracy"] for r in runs.values()])
+    lines.append(f"| {name} | {ms([acc(r) for r in runs.values()])} | {note} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
