@@ -32,6 +32,7 @@ setup(
         "safetensors>=0.4",
         "protobuf>=4",  # sentencepiece -> Hugging Face tokenizer conversion on export
         "numpy>=1.26",
+        "qwix>=0.1.8,<0.2",  # int8 quantization (bert_jax.compress)
     ],
     extras_require={
         # torch pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.

@@ -108,6 +108,10 @@ class EncoderConfig:
   # (transformers' MobileBERT leaves those two LayerNorms at torch's default, 1e-5.)
   block_norm_eps: float | None = None
   pooler_activation: bool = True  # pooled = tanh(dense(h[CLS])); False: h[CLS] as it is
+  # Structured pruning (bert_jax.compress): per layer, the original indices of the heads
+  # removed from it (transformers' config.pruned_heads as a tuple); None: every head kept.
+  # Layer i then has num_heads - len(pruned_heads[i]) heads of head_dim each.
+  pruned_heads: tuple | None = None  # tuple[tuple[int, ...], ...]: one per layer
 
   def __post_init__(self):
     def check(ok, field, msg):
@@ -152,6 +156,16 @@ class EncoderConfig:
           "pre_layer_norm", "MobileBERT's bottlenecks and stacked FFNs are post-LN only")
     check(self.project_word_embeddings or not self.trigram_input, "trigram_input",
           "needs project_word_embeddings (the trigram is projected to hidden_size)")
+    if self.pruned_heads is not None:
+      check(self.num_layer_groups is None, "pruned_heads",
+            "cannot prune heads of layers shared across depth (num_layer_groups)")
+      check(len(self.pruned_heads) == self.num_layers, "pruned_heads",
+            f"needs one entry per layer ({self.num_layers}), got {len(self.pruned_heads)}")
+      for i, gone in enumerate(self.pruned_heads):
+        check(len(set(gone)) == len(gone) and all(0 <= h < self.num_heads for h in gone)
+              and len(gone) < self.num_heads, "pruned_heads",
+              f"layer {i}: {list(gone)} must be distinct heads in 0..{self.num_heads - 1}, "
+              "leaving at least one")
 
   @property
   def inner_size(self) -> int:
@@ -161,6 +175,10 @@ class EncoderConfig:
   @property
   def head_dim(self) -> int:
     return self.inner_size // self.num_heads
+
+  def layer_heads(self, i: int) -> int:
+    """Heads of layer i (fewer than num_heads where pruned_heads removed some)."""
+    return self.num_heads - (len(self.pruned_heads[i]) if self.pruned_heads else 0)
 
   @property
   def embed_size(self) -> int:
@@ -177,6 +195,8 @@ class EncoderConfig:
     unknown = sorted(set(d) - names)
     if unknown:
       raise ValueError(f"Unknown EncoderConfig fields {unknown}; valid: {sorted(names)}")
+    if d.get("pruned_heads") is not None:  # JSON lists -> the hashable tuples
+      d["pruned_heads"] = tuple(tuple(int(h) for h in layer) for layer in d["pruned_heads"])
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
@@ -279,9 +299,13 @@ class SelfAttention(nn.Module):
   distances klen..-qlen+1, [R, hidden]), optionally "q_pos" ([B, Lq] sequence positions of
   the queries; default 0..L-1) and "seg_diff" ([B, Lq, Lk] bool, relative_segments).
   `x_v`: the values' input when it is not the keys' (MobileBERT's key/query bottleneck).
+  `num_heads`: this layer's heads when pruning removed some (default cfg.num_heads).
+  A "head_gates" variable "gate" ([heads] or [B, heads]), when the caller passes that
+  collection, multiplies each head's output (Michel et al. 2019's xi_h; bert_jax.compress).
   """
 
   cfg: EncoderConfig
+  num_heads: int | None = None
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array, mask: Array, *, deterministic: bool,
@@ -289,8 +313,9 @@ class SelfAttention(nn.Module):
                x_v: Array | None = None) -> tuple[Array, Array | None]:
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    n_heads = self.num_heads or cfg.num_heads
     proj = functools.partial(
-        nn.DenseGeneral, features=(cfg.num_heads, cfg.head_dim), dtype=dtype,
+        nn.DenseGeneral, features=(n_heads, cfg.head_dim), dtype=dtype,
         param_dtype=pdtype, kernel_init=_dense_init(cfg, ("embed", "heads", "kv")),
         bias_init=_zeros(("heads", "kv")), use_bias=cfg.attention_bias)
     q = proj(name="query")(x_q)
@@ -307,7 +332,7 @@ class SelfAttention(nn.Module):
         raise ValueError("relative attention needs the relative encodings (rel)")
       head_param = lambda name, shape, axes: self.param(  # noqa: E731
           name, _dense_init(cfg, axes), shape, pdtype).astype(dtype)
-      hd = (cfg.num_heads, cfg.head_dim)
+      hd = (n_heads, cfg.head_dim)
       r_w_bias = head_param("r_w_bias", hd, ("heads", "kv"))
       r_r_bias = head_param("r_r_bias", hd, ("heads", "kv"))
       k_r = proj(name="relative", use_bias=False)(rel["pos_emb"].astype(dtype))  # [R, n, d]
@@ -351,6 +376,9 @@ class SelfAttention(nn.Module):
         if cfg.attention_impl != "auto" or impl == "xla":
           raise
         ctx = attend(implementation="xla")  # this GPU / cuDNN cannot: the XLA kernel
+    if self.has_variable("head_gates", "gate"):
+      gate = self.get_variable("head_gates", "gate")
+      ctx = ctx * jnp.reshape(gate, (-1 if gate.ndim == 2 else 1, 1, n_heads, 1)).astype(dtype)
     ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "kv"))
     out = nn.DenseGeneral(
         features=cfg.inner_size, axis=(-2, -1), dtype=dtype, param_dtype=pdtype,
@@ -403,6 +431,7 @@ class Layer(nn.Module):
   """
 
   cfg: EncoderConfig
+  num_heads: int | None = None  # this layer's heads after pruning (default cfg.num_heads)
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
@@ -410,7 +439,7 @@ class Layer(nn.Module):
                return_probs: bool = False, rel: dict[str, Array] | None = None,
                query_rel: dict[str, Array] | None = None):
     cfg = self.cfg
-    attention = SelfAttention(cfg, name="attention")
+    attention = SelfAttention(cfg, self.num_heads, name="attention")
     attention_norm = _norm(cfg, "attention_norm")
     ffn = FeedForward(cfg, name="ffn")
     ffn_norm = _norm(cfg, "ffn_norm", cfg.block_norm_eps)
@@ -591,7 +620,8 @@ class Encoder(nn.Module):
     if cfg.remat != "none":
       layer_cls = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3, 6))
     n_modules = cfg.num_layer_groups or cfg.num_layers
-    self.layers = [layer_cls(cfg, name=f"layer_{i}") for i in range(n_modules)]
+    self.layers = [layer_cls(cfg, cfg.layer_heads(i) if cfg.pruned_heads else None,
+                             name=f"layer_{i}") for i in range(n_modules)]
     if cfg.pre_layer_norm:
       self.final_norm = _norm(cfg)
     if cfg.position_embedding == "relative":

@@ -63,11 +63,11 @@ CONVERSIONS: dict[str, Conversion] = {
     # torch Linear [out, in] <-> flax Dense [in, out]
     "dense": (lambda w, c: w.T, lambda a, c: a.T),
     # query/key/value Linear [H, in] <-> DenseGeneral [in, heads, head_dim]
-    "qkv": (lambda w, c: w.T.reshape(w.shape[1], c.num_heads, w.shape[0] // c.num_heads),
+    "qkv": (lambda w, c: w.T.reshape(w.shape[1], w.shape[0] // c.head_dim, c.head_dim),
             lambda a, c: a.reshape(a.shape[0], -1).T),
-    "qkv_bias": (lambda w, c: w.reshape(c.num_heads, -1), lambda a, c: a.reshape(-1)),
+    "qkv_bias": (lambda w, c: w.reshape(-1, c.head_dim), lambda a, c: a.reshape(-1)),
     # attention output Linear [H, in] <-> DenseGeneral [heads, head_dim, H]
-    "attn_out": (lambda w, c: w.T.reshape(c.num_heads, w.shape[1] // c.num_heads, w.shape[0]),
+    "attn_out": (lambda w, c: w.T.reshape(w.shape[1] // c.head_dim, c.head_dim, w.shape[0]),
                  lambda a, c: a.reshape(-1, a.shape[-1]).T),
 }
 
@@ -1198,6 +1198,28 @@ def import_to_workdir(hf_dir: str, workdir: str, size: str = "tiny",
           "generator": imported.generator and imported.generator["config"]}
 
 
+def _finetuned_for_export(workdir: str, cfg: EncoderConfig, params: dict[str, Any]):
+  """A fine-tuned (or compressed, bert_jax.compress) workdir: its full encoder config
+  (encoder_config.json), its task pooler as the pooler, and pruned heads zero-padded back
+  to full width (transformers 5.x no longer prunes on load; config.json records them as
+  bert_jax_pruned_heads). Other workdirs pass through."""
+  path = os.path.join(workdir, "encoder_config.json")
+  extra: dict[str, Any] = {}
+  if not os.path.isfile(path):
+    return cfg, params, extra
+  with open(path) as f:
+    cfg = EncoderConfig.from_dict(json.load(f))
+  task = params.get("task", {})
+  if "pooler" in task and "pooler" not in params:
+    params = dict(params, pooler=task["pooler"])
+  if cfg.pruned_heads:
+    from bert_jax.compress import prune
+    extra["bert_jax_pruned_heads"] = {str(i): list(h) for i, h in enumerate(cfg.pruned_heads)
+                                      if h}
+    cfg, params = prune.pad_pruned_heads(cfg, params)
+  return cfg, params, extra
+
+
 def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
                         which: str = "latest", heads_mode: str = "auto",
                         tower: str = ENCODER_TOWER) -> dict[str, Any]:
@@ -1211,7 +1233,8 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
 
   config = run_config.load(workdir)
   family = config.get("family", "bert")
-  cfg = EncoderConfig.from_dict(config.model)
+  fine_tuned = os.path.isfile(os.path.join(workdir, "encoder_config.json"))
+  cfg = None if fine_tuned else EncoderConfig.from_dict(config.model)
   owner = None
   if tower != ENCODER_TOWER:
     owners = _tower_owners(tower, [n for n, _ in objectives.parse_spec(config.objectives)])
@@ -1221,6 +1244,7 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
     owner, spec = owners[0]
   params, step = checkpoint.restore_params(workdir, step, which)
   params = jax.tree.map(np.asarray, params)
+  cfg, params, pruned_base = _finetuned_for_export(workdir, cfg, params)
   base_file = "config.json"
   if owner is not None:
     family, base_file = spec.family, tower_config_file(tower)
@@ -1230,6 +1254,8 @@ def export_from_workdir(workdir: str, out_dir: str, step: int | None = None,
   if os.path.isfile(os.path.join(hf_in, base_file)):
     with open(os.path.join(hf_in, base_file)) as f:
       base = json.load(f)
+  if pruned_base:
+    base = dict(base or {}, **pruned_base)
   from bert_jax.data import tokenizer as tokenizer_lib
   own = tokenizer_lib.workdir_tokenizer(workdir)  # tokenizer.model, else tokenizer.json
   if base is None and own is not None:

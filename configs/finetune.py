@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="linear", end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
       clip_norm=1.0,
       layer_decay=1.0))  # lr of layer l (of L) x layer_decay^(L + 1 - l); 1.0 = off
+  # Quantization-aware fine-tuning (qwix; bert_jax.compress.quantize): mode "qat"
+  # fake-quantizes the encoder's dense layers to int8 weights (and act="int8": int8
+  # activations, dynamic scales) in training and in the dev evaluations. "none": float.
+  c.quant = ml_collections.ConfigDict(dict(mode="none", act="int8"))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(mode="fsdp", rules=()))
   return c

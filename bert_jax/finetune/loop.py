@@ -150,6 +150,12 @@ def build(config, init: restore.Init, n_out: int, total_steps: int):
   task = TaskObjective(config.task.kind, n_out, config.model.classifier_dropout)
   composition = objectives_lib.compose((objectives_lib.WeightedObjective(task, 1.0),))
   model = PretrainModel(init.encoder_config, composition)
+  quant = config.get("quant") or {}
+  if quant.get("mode", "none") not in ("none", "qat"):
+    raise ValueError(f"quant.mode={quant.get('mode')!r} is not one of ('none', 'qat')")
+  if quant.get("mode", "none") == "qat":  # qwix fake quantization (bert_jax.compress)
+    from bert_jax.compress import quantize
+    model = quantize.qat_model(model, quant.get("act", "int8"))
   tx = make_optimizer(config, total_steps, init.encoder_config)
   policy = config.train.nan_policy
   if policy not in train.NAN_POLICIES:
