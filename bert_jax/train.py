@@ -30,6 +30,7 @@ from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import nonfinite, optim, run_config, sharding, workdir_lock
+from bert_jax import tricks as tricks_lib
 from bert_jax.encoder import EncoderConfig
 from bert_jax.model import PretrainModel
 from objectives.base import SpecialIds
@@ -54,6 +55,11 @@ class Setup:
   tx: optax.GradientTransformation
   grad_accum: int = 1
   nan_policy: str = "stop"  # stop | skip (drop the update of a non-finite step, count it)
+  tricks: tricks_lib.Tricks = tricks_lib.Tricks()  # adversarial, freezing, mixout, averaging
+
+  def eval_params(self, state: "TrainState") -> Any:
+    """The weights evaluation uses: the EMA/SWA average when one is kept."""
+    return self.tricks.eval_params(state.params, state.opt_state)
 
 
 NAN_POLICIES = ("stop", "skip")
@@ -150,20 +156,23 @@ def train_step(state: TrainState, batch: Batch, setup: Setup) -> tuple[TrainStat
   # that follow a schedule (distillation's progressive layer-wise transfer).
   batch = dict(batch, step=jnp.full(batch["input_ids"].shape[:1], state.step, jnp.int32))
   batch = corrupt(setup, batch, corrupt_key)
-  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+
+  def grad_fn(mb, key):  # ((loss, metrics), grads) of one micro-batch, with the tricks
+    loss_fn = lambda params, k: compute_loss(params, setup, mb, k, False)  # noqa: E731
+    return setup.tricks.grad_fn(loss_fn, state.opt_state)(state.params, key)
+
   k = setup.grad_accum
   if k == 1:
-    (_, metrics), grads = grad_fn(state.params, setup, batch, dropout_key, False)
+    (_, metrics), grads = grad_fn(batch, dropout_key)
   else:
     micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
     def body(acc, inp):
       i, mb = inp
-      (_, m), g = grad_fn(state.params, setup, mb, jax.random.fold_in(dropout_key, i), False)
+      (_, m), g = grad_fn(mb, jax.random.fold_in(dropout_key, i))
       return jax.tree.map(jnp.add, acc, (g, m)), None
 
-    shapes = jax.eval_shape(lambda: grad_fn(
-        state.params, setup, jax.tree.map(lambda x: x[0], micro), dropout_key, False))
+    shapes = jax.eval_shape(lambda: grad_fn(jax.tree.map(lambda x: x[0], micro), dropout_key))
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (shapes[1], shapes[0][1]))
     (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
     grads = jax.tree.map(lambda g: g / k, grads)
@@ -420,7 +429,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   guard = nonfinite.Guard(config.train, start, workdir)
   try:
     if start == 0 and kind.steps > 0 and kind.eval_at_start:
-      first_eval = evaluate(state.params)
+      first_eval = evaluate(setup.eval_params(state))
       writer.write(0, "eval", first_eval)
       progress.write(format_eval(0, first_eval))
     last = kind.steps if stop_after is None else min(kind.steps, stop_after)
@@ -443,7 +452,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                          learning_rate=kind.lr(step)))
         guard.update(step, values)
       if evaluating:
-        last_eval = evaluate(state.params)
+        last_eval = evaluate(setup.eval_params(state))
         writer.write(step, "eval", last_eval)
         stop = kind.after_eval(step, state, last_eval)
         progress.write(format_eval(step, last_eval))

@@ -94,6 +94,27 @@ def base_config() -> ml_collections.ConfigDict:
   # fake-quantizes the encoder's dense layers to int8 weights (and act="int8": int8
   # activations, dynamic scales) in training and in the dev evaluations. "none": float.
   c.quant = ml_collections.ConfigDict(dict(mode="none", act="int8"))
+  # The head over the encoder (classification, regression, multiple choice): pooling is
+  # pooler (dense + tanh on [CLS], BERT's) | cls (the raw [CLS] state) | mean | max (over
+  # the real tokens) | attention (a learned query over the tokens) | concat (the [CLS]
+  # states of the last pool_layers layers, concatenated) | weighted (a learned softmax
+  # mix of the last pool_layers layers' [CLS] states). multi_sample_dropout: the mean of
+  # the classifier's logits over that many dropout masks (training; 1 = plain dropout).
+  c.head = ml_collections.ConfigDict(dict(pooling="pooler", pool_layers=4,
+                                          multi_sample_dropout=1))
+  # Fine-tuning tricks (bert_jax/tricks.py), all off by default. Adversarial training on
+  # the word embeddings: fgm (one step of norm epsilon) | pgd (steps of alpha, within the
+  # epsilon ball); the step's loss adds the adversarial term.
+  c.adversarial = ml_collections.ConfigDict(dict(mode="none", epsilon=1.0, steps=3,
+                                                 alpha=0.3))
+  # Weight averaging: ema (decay) | swa (a snapshot every `every` steps from step `start`).
+  # Dev evaluation and the best checkpoint use the average.
+  c.average = ml_collections.ConfigDict(dict(mode="none", decay=0.999, start=0, every=1))
+  # Frozen parameters get no gradient and no optimizer state.
+  c.freeze = ml_collections.ConfigDict(dict(embeddings=False, bottom_layers=0))
+  # Mixout probability (Lee et al. 2020) on the encoder's dense kernels, mixing towards
+  # the weights fine-tuning started from; usually with model.hidden_dropout=0.
+  c.mixout = 0.0
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(mode="fsdp", rules=()))
   return c

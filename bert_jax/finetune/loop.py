@@ -29,12 +29,14 @@ from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import optim, run_config, sharding, train
+from bert_jax import tricks as tricks_lib
 from bert_jax.finetune import batching, features as features_lib, predictions, readers
 from bert_jax.finetune import restore, scores as scores_lib
 from bert_jax.finetune.tasks import POOLED_KINDS, TaskObjective
 from bert_jax.model import PretrainModel
 
 import objectives as objectives_lib
+from configs import finetune as configs_finetune
 
 BEST_DIR = "best"
 PREDICTIONS_FILE = "predictions_dev.jsonl"
@@ -95,11 +97,27 @@ def optimizer_config(config: ml_collections.ConfigDict, total_steps: int):
   return o
 
 
-def make_optimizer(config, total_steps: int, cfg) -> optax.GradientTransformation:
-  tx = optim.make_optimizer(optimizer_config(config, total_steps), total_steps)
+def make_tricks(config, cfg) -> tricks_lib.Tricks:
+  """config.adversarial / average / freeze / mixout -> the loop's Tricks (off by default;
+  a config from before these sections, e.g. an older workdir's, gets the defaults)."""
+  defaults = configs_finetune.base_config()
+  adv, avg, fr = (config.get(k) or defaults[k] for k in ("adversarial", "average", "freeze"))
+  return tricks_lib.Tricks(
+      adversarial=tricks_lib.Adversarial(adv.mode, float(adv.epsilon), int(adv.steps),
+                                         float(adv.alpha)),
+      frozen=tricks_lib.layer_paths(cfg, bool(fr.embeddings), int(fr.bottom_layers)),
+      mixout=float(config.get("mixout", 0.0)),
+      averaging=tricks_lib.Averaging(avg.mode, float(avg.decay), int(avg.start),
+                                     int(avg.every)))
+
+
+def make_optimizer(config, total_steps: int, cfg,
+                   tricks: tricks_lib.Tricks | None = None) -> optax.GradientTransformation:
+  tricks = tricks or tricks_lib.Tricks()
+  tx = optim.make_optimizer(optimizer_config(config, total_steps), total_steps, tricks.frozen)
   if config.optim.layer_decay != 1.0:
     tx = optax.chain(tx, scale_by_layer_depth(cfg, float(config.optim.layer_decay)))
-  return tx
+  return tricks.wrap_optimizer(tx)
 
 
 # ----------------------------------------------------------------------------- data
@@ -147,7 +165,9 @@ def _to_host(tree):
 
 
 def build(config, init: restore.Init, n_out: int, total_steps: int):
-  task = TaskObjective(config.task.kind, n_out, config.model.classifier_dropout)
+  head = config.get("head") or configs_finetune.base_config().head
+  task = TaskObjective(config.task.kind, n_out, config.model.classifier_dropout,
+                       head.pooling, int(head.pool_layers), int(head.multi_sample_dropout))
   composition = objectives_lib.compose((objectives_lib.WeightedObjective(task, 1.0),))
   model = PretrainModel(init.encoder_config, composition)
   quant = config.get("quant") or {}
@@ -156,11 +176,12 @@ def build(config, init: restore.Init, n_out: int, total_steps: int):
   if quant.get("mode", "none") == "qat":  # qwix fake quantization (bert_jax.compress)
     from bert_jax.compress import quantize
     model = quantize.qat_model(model, quant.get("act", "int8"))
-  tx = make_optimizer(config, total_steps, init.encoder_config)
+  tricks = make_tricks(config, init.encoder_config)
+  tx = make_optimizer(config, total_steps, init.encoder_config, tricks)
   policy = config.train.nan_policy
   if policy not in train.NAN_POLICIES:
     raise ValueError(f"train.nan_policy: {policy!r} is not one of {train.NAN_POLICIES}")
-  return train.Setup(model, composition, tx, int(config.train.grad_accum), policy)
+  return train.Setup(model, composition, tx, int(config.train.grad_accum), policy, tricks)
 
 
 def dummy_batch(kind: str, n_out: int, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -203,7 +224,7 @@ def load_pretrained(state, shardings, setup, init: restore.Init, config, mesh, r
     encoder[f"layer_{i}"] = params["encoder"][f"layer_{i}"]
   new = dict(params, encoder=jax.device_put(encoder, shardings.params["encoder"]))
   if (init.pooler_params is not None and config.init_pooler
-      and config.task.kind in POOLED_KINDS):
+      and config.task.kind in POOLED_KINDS and "pooler" in params["task"]):
     task_params = dict(params["task"])
     restore.check_same_structure(init.pooler_params, task_params["pooler"],
                                  f"the pooler of {config.init}")
@@ -400,7 +421,8 @@ def finetuning(config: ml_collections.ConfigDict, workdir: str, mesh, rules, *,
         for s in best_ckpt.all_steps():  # saved by a run that was cut before its checkpoint
           if s >= step:
             best_ckpt.manager.delete(s)
-        best_ckpt.save(step, {"step": state.step, "params": state.params}, None, force=True)
+        best_ckpt.save(step, {"step": state.step, "params": setup.eval_params(state)}, None,
+                       force=True)
     else:
       track["since_best"] += 1
       if tc.patience and track["since_best"] >= tc.patience:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax import heads
+from bert_jax.finetune import pooling
 from objectives.base import Objective
 
 KINDS = ("classification", "regression", "tagging", "qa", "multiple_choice")
@@ -38,6 +39,9 @@ class TaskHead(nn.Module):
   kind: str
   num_outputs: int
   dropout: float | None = None  # None: the encoder's hidden dropout (as transformers)
+  pooling: str = "pooler"  # bert_jax.finetune.pooling (the pooled kinds)
+  pool_layers: int = 4  # the layers "concat" and "weighted" read
+  multi_sample_dropout: int = 1  # training logits: the mean over this many dropout masks
 
   @nn.compact
   def __call__(self, encoded, batch, encoder, *, deterministic: bool):
@@ -46,12 +50,19 @@ class TaskHead(nn.Module):
     lead = ids.shape[:-1]
     if self.kind == "multiple_choice":
       ids, seg, mask = (x.reshape(-1, x.shape[-1]) for x in (ids, seg, mask))
-    hidden = encoder(ids, seg, mask, deterministic=deterministic)["hidden_states"]
-    if self.kind in POOLED_KINDS:
-      pooled = heads.Pooler(self.cfg, name="pooler")(hidden)
+    pooled_kind = self.kind in POOLED_KINDS
+    states = encoder(ids, seg, mask, deterministic=deterministic,
+                     output_hidden_states=pooled_kind and self.pooling in pooling.NEEDS_LAYERS)
+    hidden = states["hidden_states"]
+    if pooled_kind:
+      pooled = pooling.POOLINGS[self.pooling](self, states, mask)
       n = 1 if self.kind in ("regression", "multiple_choice") else self.num_outputs
-      logits = heads.Classifier(self.cfg, n, self.dropout, name="classifier")(
-          pooled, deterministic=deterministic)
+      classifier = heads.Classifier(self.cfg, n, self.dropout, name="classifier")
+      samples = 1 if deterministic else self.multi_sample_dropout
+      # One classifier, `samples` dropout masks (each call draws its own): Multi-Sample
+      # Dropout (Inoue 2019), the mean of the logits.
+      logits = sum(classifier(pooled, deterministic=deterministic)
+                   for _ in range(samples)) / samples
       if self.kind == "classification":
         return logits
       return logits[:, 0] if self.kind == "regression" else logits.reshape(lead)
@@ -111,6 +122,9 @@ class TaskObjective(Objective):
   kind: str
   num_outputs: int  # labels (classification, tagging), choices (multiple choice), 1 or 2
   dropout: float | None = None
+  pooling: str = "pooler"
+  pool_layers: int = 4
+  multi_sample_dropout: int = 1
 
   name: ClassVar[str] = "task"
   runs_encoder: ClassVar[bool] = True  # multiple choice flattens its inputs first
@@ -118,6 +132,9 @@ class TaskObjective(Objective):
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"task.kind: {self.kind!r} is not one of {KINDS}")
+    pooling.check(self.pooling)
+    if self.multi_sample_dropout < 1:
+      raise ValueError(f"head.multi_sample_dropout={self.multi_sample_dropout} must be >= 1")
 
   @classmethod
   def from_config(cls, config, special):
@@ -126,7 +143,8 @@ class TaskObjective(Objective):
                     "bert_jax.finetune.loop.build makes it (its outputs come from the data)")
 
   def head(self, encoder_config, name):
-    return TaskHead(encoder_config, self.kind, self.num_outputs, self.dropout, name=name)
+    return TaskHead(encoder_config, self.kind, self.num_outputs, self.dropout, self.pooling,
+                    self.pool_layers, self.multi_sample_dropout, name=name)
 
   def loss(self, outputs, batch):
     return task_loss(self.kind, outputs, batch)
