@@ -32,6 +32,10 @@ setup(
         "safetensors>=0.4",
         "protobuf>=4",  # sentencepiece -> Hugging Face tokenizer conversion on export
         "numpy>=1.26",
+        # downstream metrics (bert_jax/finetune/scores.py)
+        "scipy>=1.11,<2",  # Pearson, Spearman
+        "scikit-learn>=1.3,<2",  # accuracy, F1, MCC, MSE
+        "seqeval>=1.2.2,<2",  # entity-level precision/recall/F1
         "qwix>=0.1.8,<0.2",  # int8 quantization (bert_jax.compress)
     ],
     extras_require={

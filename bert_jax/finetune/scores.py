@@ -1,11 +1,20 @@
 """Downstream metrics on host numpy arrays: the figures GLUE, CoNLL and SQuAD report.
 
-accuracy; F1 (binary on the positive class, or macro over classes); Matthews correlation
-(CoLA; the multi-class R_K form, which is the usual MCC for two classes); Pearson and
-Spearman (STS-B; Spearman is Pearson on average ranks, ties share their mean rank);
-entity-level precision/recall/F1 on BIO/IOB/IOBES tags (conlleval's chunking rules);
-SQuAD exact match and F1 (the official normalisation; an empty gold answer list means
-unanswerable, matched only by an empty prediction).
+From well-kept libraries: accuracy, F1 (binary on the positive class, or macro over
+classes), Matthews correlation (CoLA; Gorodkin's R_K for more than two classes) and MSE
+from sklearn.metrics; Pearson and Spearman (STS-B; ties share their mean rank) from
+scipy.stats; entity-level precision/recall/F1 from seqeval: conlleval's chunking (its
+default mode) for BIO/IOB1 tags, seqeval's strict IOBES scheme when the tags are IOBES
+(ill-formed chunks, e.g. B- without E-, are no entity).
+
+SQuAD exact match and F1 stay written here: they are the official evaluation script's
+normalisation and max over gold answers, which none of these libraries provides (an
+empty gold answer list means unanswerable, matched only by an empty prediction).
+
+Edge cases: empty inputs give nan; an undefined MCC is 0 (sklearn's convention); Pearson
+and Spearman are 0 when either side is constant (as this module always did; scipy says
+nan); F1 of a class never seen nor predicted is 0 (zero_division=0), and macro F1
+averages over all num_classes classes.
 """
 
 from __future__ import annotations
@@ -13,9 +22,15 @@ from __future__ import annotations
 import collections
 import re
 import string
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import stats
+from seqeval import scheme as seqeval_scheme
+from seqeval.metrics import sequence_labeling as seqeval_conll
+from seqeval.metrics import v1 as seqeval_strict
+from sklearn import metrics as skm
 
 # metric name -> whether higher is better (all of ours are)
 CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1", "mcc")
@@ -24,65 +39,89 @@ TAGGING_METRICS = ("entity_f1", "entity_precision", "entity_recall", "token_accu
 QA_METRICS = ("exact_match", "f1", "has_answer_f1", "no_answer_f1")
 LOWER_IS_BETTER = ("mse", "loss")
 
+_NAN = float("nan")
+
+
+def _pair(preds: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  return np.asarray(preds).ravel(), np.asarray(labels).ravel()
+
 
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
-  preds, labels = np.asarray(preds), np.asarray(labels)
-  return float(np.mean(preds == labels)) if labels.size else float("nan")
-
-
-def _f1(tp: float, fp: float, fn: float) -> float:
-  return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+  p, y = _pair(preds, labels)
+  return float(skm.accuracy_score(y, p)) if y.size else _NAN
 
 
 def binary_f1(preds: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
-  p, y = np.asarray(preds) == positive, np.asarray(labels) == positive
-  return _f1(np.sum(p & y), np.sum(p & ~y), np.sum(~p & y))
+  """F1 of class `positive` against all others (0 when it is neither seen nor predicted)."""
+  p, y = _pair(preds, labels)
+  if not y.size:
+    return _NAN
+  return float(skm.f1_score(y, p, labels=[positive], average="macro", zero_division=0))
 
 
 def macro_f1(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-  return float(np.mean([binary_f1(preds, labels, c) for c in range(num_classes)]))
+  """Mean F1 over classes 0..num_classes-1, absent ones included (as 0)."""
+  p, y = _pair(preds, labels)
+  if not y.size:
+    return _NAN
+  return float(skm.f1_score(y, p, labels=list(range(num_classes)), average="macro",
+                            zero_division=0))
 
 
 def confusion(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-  m = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(m, (np.asarray(labels), np.asarray(preds)), 1)
-  return m
+  """[num_classes, num_classes] counts, rows the labels, columns the predictions."""
+  p, y = _pair(preds, labels)
+  if not y.size:
+    return np.zeros((num_classes, num_classes), np.int64)
+  return skm.confusion_matrix(y, p, labels=list(range(num_classes))).astype(np.int64)
 
 
 def matthews(preds: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> float:
-  """Matthews correlation (Gorodkin's R_K for more than two classes); 0 when undefined."""
-  preds, labels = np.asarray(preds, np.int64), np.asarray(labels, np.int64)
-  k = num_classes or int(max(preds.max(initial=0), labels.max(initial=0)) + 1)
-  c = confusion(preds, labels, k).astype(np.float64)
-  t, p = c.sum(1), c.sum(0)  # true and predicted counts per class
-  n, correct = c.sum(), np.trace(c)
-  den = np.sqrt((n * n - p @ p) * (n * n - t @ t))
-  return float((correct * n - t @ p) / den) if den > 0 else 0.0
+  """Matthews correlation (Gorodkin's R_K for more than two classes); 0 when undefined.
+
+  num_classes does not change the figure (a class nobody saw or predicted adds nothing);
+  it is kept for the callers."""
+  del num_classes
+  p, y = _pair(preds, labels)
+  if not y.size:
+    return _NAN
+  with warnings.catch_warnings():  # one class in all: sklearn warns, then says 0
+    warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+    return float(skm.matthews_corrcoef(y, p))
+
+
+def _constant(x: np.ndarray) -> bool:
+  return bool(np.all(x == x[0]))
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  x, y = x - x.mean(), y - y.mean()
-  den = np.sqrt((x @ x) * (y @ y))
-  return float(x @ y / den) if den > 0 else 0.0
+  """Pearson's r; 0 when either side is constant, nan when empty."""
+  x, y = (np.asarray(v, np.float64).ravel() for v in (x, y))
+  if len(x) != len(y):
+    raise ValueError(f"pearson: {len(x)} predictions for {len(y)} labels")
+  if not x.size:
+    return _NAN
+  return 0.0 if _constant(x) or _constant(y) else float(stats.pearsonr(x, y).statistic)
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
   """1-based ranks, tied values sharing their average rank."""
-  x = np.asarray(x)
-  order = np.argsort(x, kind="stable")
-  sorted_x = x[order]
-  starts = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
-  group = np.cumsum(starts) - 1
-  first = np.flatnonzero(starts)
-  last = np.r_[first[1:], len(x)] - 1
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = (first[group] + last[group]) / 2 + 1
-  return ranks
+  return stats.rankdata(np.asarray(x), method="average").astype(np.float64)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-  return pearson(average_ranks(x), average_ranks(y))
+  """Spearman's rho (Pearson on average ranks); 0 when either side is constant."""
+  x, y = (np.asarray(v, np.float64).ravel() for v in (x, y))
+  if len(x) != len(y):
+    raise ValueError(f"spearman: {len(x)} predictions for {len(y)} labels")
+  if not x.size:
+    return _NAN
+  return 0.0 if _constant(x) or _constant(y) else float(stats.spearmanr(x, y).statistic)
+
+
+def mse(preds: np.ndarray, labels: np.ndarray) -> float:
+  p, y = (np.asarray(v, np.float64).ravel() for v in (preds, labels))
+  return float(skm.mean_squared_error(y, p)) if y.size else _NAN
 
 
 def classification_scores(preds: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -106,8 +145,7 @@ def classification_scores(preds: np.ndarray, labels: np.ndarray, num_classes: in
 
 def regression_scores(preds: np.ndarray, labels: np.ndarray,
                       names: Sequence[str]) -> dict[str, float]:
-  fns = {"pearson": pearson, "spearman": spearman,
-         "mse": lambda p, y: float(np.mean((np.asarray(p) - np.asarray(y)) ** 2))}
+  fns = {"pearson": pearson, "spearman": spearman, "mse": mse}
   unknown = [n for n in names if n not in fns]
   if unknown:
     raise ValueError(f"unknown regression metrics {unknown}; valid: {REGRESSION_METRICS}")
@@ -116,54 +154,72 @@ def regression_scores(preds: np.ndarray, labels: np.ndarray,
 
 # ----------------------------------------------------------------------------- entities
 
+ENTITY_SCHEMES = ("IOB", "IOBES")  # conlleval's chunking (BIO, IOB1); strict IOBES
+_PREFIXES = ("B", "I", "E", "S")
 
-def _split_tag(tag: str) -> tuple[str, str]:
+
+def _normalize_tag(tag: str | None) -> str:
+  """The tag seqeval reads: O for "O", "" or None; I-X for a bare type X (inside, as
+  conlleval -r reads it); the prefix upper-cased; a prefix other than B/I/E/S refused."""
   if tag in ("O", "", None):
-    return "O", ""
+    return "O"
   prefix, sep, kind = tag.partition("-")
-  if not sep:  # a bare type ("PER") reads as inside
-    return "I", tag
-  return prefix.upper(), kind
+  if not sep:
+    return f"I-{tag}"
+  if prefix.upper() not in _PREFIXES:
+    raise ValueError(f"entity tag {tag!r}: prefix {prefix!r} is not one of "
+                     f"{', '.join(_PREFIXES)} (supported schemes: BIO/IOB1, IOBES)")
+  return f"{prefix.upper()}-{kind}"
 
 
-def _chunk_ends(prev: str, tag: str, prev_type: str, kind: str) -> bool:
-  return (prev in ("E", "S") or (prev in ("B", "I") and tag in ("B", "S", "O"))
-          or (prev != "O" and prev_type != kind))
+def _infer_scheme(sentences: Iterable[Sequence[str]]) -> str:
+  """IOBES when an S- tag, or both B- and E- tags, occur; else IOB."""
+  prefixes = {t[0] for s in sentences for t in s if t != "O"}
+  return "IOBES" if "S" in prefixes or {"B", "E"} <= prefixes else "IOB"
 
 
-def _chunk_starts(prev: str, tag: str, prev_type: str, kind: str) -> bool:
-  return (tag in ("B", "S") or (prev in ("E", "S", "O") and tag in ("E", "I"))
-          or (tag != "O" and prev_type != kind))
+def _prepare(sentences: Iterable[Sequence[str]]) -> list[list[str]]:
+  return [[_normalize_tag(t) for t in s] for s in sentences]
 
 
-def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
-  """{(type, first, last)} of the entities in one tag sequence (conlleval's rules)."""
-  spans = set()
-  prev, prev_type, start = "O", "", None
-  for i, tag in enumerate(list(tags) + ["O"]):
-    prefix, kind = _split_tag(tag)
-    if start is not None and _chunk_ends(prev, prefix, prev_type, kind):
-      spans.add((prev_type, start, i - 1))
-      start = None
-    if _chunk_starts(prev, prefix, prev_type, kind):
-      start = i
-    prev, prev_type = prefix, kind
-  return spans
+def _check_scheme(scheme: str | None, *sentences: list[list[str]]) -> str:
+  scheme = scheme or _infer_scheme([s for group in sentences for s in group])
+  if scheme not in ENTITY_SCHEMES:
+    raise ValueError(f"entity scheme {scheme!r} is not one of {ENTITY_SCHEMES}")
+  return scheme
 
 
-def entity_scores(gold: Iterable[Sequence[str]], pred: Iterable[Sequence[str]]
-                  ) -> dict[str, float]:
-  """Micro-averaged entity precision, recall and F1 over sentences of tags."""
-  tp = n_gold = n_pred = 0
-  for g, p in zip(gold, pred, strict=True):
-    gs, ps = entity_spans(g), entity_spans(p)
-    tp += len(gs & ps)
-    n_gold += len(gs)
-    n_pred += len(ps)
-  precision = tp / n_pred if n_pred else 0.0
-  recall = tp / n_gold if n_gold else 0.0
-  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-  return {"entity_precision": precision, "entity_recall": recall, "entity_f1": f1}
+def entity_spans(tags: Sequence[str], scheme: str | None = None
+                 ) -> set[tuple[str, int, int]]:
+  """{(type, first, last)} of the entities in one tag sequence (seqeval's chunking; the
+  scheme inferred from the tags when None)."""
+  seq = _prepare([tags])
+  if _check_scheme(scheme, seq) == "IOB":
+    return set(seqeval_conll.get_entities(seq[0]))
+  return {(e.tag, e.start, e.end - 1)  # seqeval's end is exclusive
+          for e in seqeval_scheme.Tokens(seq[0], seqeval_scheme.IOBES).entities}
+
+
+def entity_scores(gold: Iterable[Sequence[str]], pred: Iterable[Sequence[str]],
+                  scheme: str | None = None) -> dict[str, float]:
+  """Micro-averaged entity precision, recall and F1 over sentences of tags (seqeval).
+
+  scheme: "IOB" (seqeval's default mode, conlleval-compatible) or "IOBES" (seqeval's
+  strict mode); None infers it from the tags. 0 when there is no entity to divide by;
+  nan for no sentences."""
+  gold, pred = _prepare(gold), _prepare(pred)
+  if len(gold) != len(pred) or any(len(g) != len(p) for g, p in zip(gold, pred)):
+    raise ValueError(f"entity_scores: gold and predicted sentences differ in number or "
+                     f"length ({len(gold)} vs {len(pred)} sentences)")
+  if not gold:
+    return {"entity_precision": _NAN, "entity_recall": _NAN, "entity_f1": _NAN}
+  if _check_scheme(scheme, gold, pred) == "IOB":
+    p, r, f, _ = seqeval_conll.precision_recall_fscore_support(
+        gold, pred, average="micro", zero_division=0)
+  else:
+    p, r, f, _ = seqeval_strict.precision_recall_fscore_support(
+        gold, pred, average="micro", zero_division=0, scheme=seqeval_scheme.IOBES)
+  return {"entity_precision": float(p), "entity_recall": float(r), "entity_f1": float(f)}
 
 
 # ----------------------------------------------------------------------------- SQuAD
