@@ -27,6 +27,7 @@ import optax
 
 import objectives as objectives_lib
 from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import continued
 from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import nonfinite, optim, run_config, sharding, workdir_lock
@@ -501,7 +502,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(
         f"{workdir} holds a checkpoint imported from Hugging Face (parameters, no optimizer "
         "state): fine-tune it (launch.finetune --config.init=WORKDIR), use it as a "
-        "distillation teacher or export it; pretraining cannot continue in that workdir.")
+        "distillation teacher or export it; pretraining cannot continue in that workdir. "
+        f"To pretrain it further, start a new run from it: --config.init_from={workdir} "
+        "--workdir=NEW.")
+  config = continued.apply_init_from(config)
   result = run(config, workdir, pretraining, stop_after)
   tc = config.train
   done = max(tc.steps - result.start, 0)
@@ -577,12 +581,17 @@ def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) ->
       logging.warning(note)
     return lines
 
+  def initial_state() -> TrainState:
+    state, shardings = init_state(setup, config.seed, sample, mesh, rules)
+    if config.get("init_from"):
+      state = continued.load_matching(state, shardings, setup, config, mesh, rules)
+    return state
+
   return RunKind(
       setup=setup, steps=int(tc.steps), sample=sample,
       train_spec=lambda bs: batch_spec(train_ds, tc.batch_size, bs),
       next_batch=lambda step: next(data_iter), data_iterator=data_iter,
-      initial_state=lambda: init_state(setup, config.seed, sample, mesh, rules)[0],
-      evaluate=evaluate, eval_every=int(tc.eval_every),
+      initial_state=initial_state, evaluate=evaluate, eval_every=int(tc.eval_every),
       tokens_per_step=tc.batch_size * config.data.seq_len,
       lr=lambda step: _lr(config, step), header=header,
       checkpoint_every=int(tc.checkpoint_every), keep=tc.keep, keep_best=tc.keep_best,

@@ -45,6 +45,10 @@ def base_config(size: str) -> ml_collections.ConfigDict:
   c.family = "bert"
   c.size = size
   c.seed = 0
+  # Continued pretraining (bert_jax/continued.py): a workdir (ours or launch.import_hf's)
+  # whose architecture, tokenizer and weights this run starts from, with a new optimizer.
+  c.init_from = ""
+  c.init_which = "latest"  # latest | best (by eval loss) checkpoint of init_from
   # Weighted objectives, e.g. "mlm:1.0,nsp:1.0"; each reads its own section below.
   c.objectives = "mlm:1.0"
   c.model = encoder_fields(size)

@@ -38,7 +38,7 @@ from bert_jax.model import PretrainModel
 import objectives as objectives_lib
 from configs import finetune as configs_finetune
 
-BEST_DIR = "best"
+BEST_DIR = restore.BEST_DIR
 PREDICTIONS_FILE = "predictions_dev.jsonl"
 RESULTS_FILE = "results.json"
 PROGRESS_FILE = "finetune_state.json"

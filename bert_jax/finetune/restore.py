@@ -35,6 +35,7 @@ POOLER_FALLBACKS = (("pooler",), ("task", "pooler"))
 # Written by fine-tuning runs: the encoder's full EncoderConfig (their config.json holds
 # only the fields fine-tuning may change), so a fine-tuned workdir can be an init too.
 ENCODER_CONFIG_FILE = "encoder_config.json"
+BEST_DIR = "best"  # a fine-tuned workdir's best dev checkpoint (bert_jax.finetune.loop)
 
 
 @dataclasses.dataclass
@@ -119,6 +120,12 @@ def _subtree(params: Any, path: tuple[str, ...]) -> Any:
 def load_init(config: ml_collections.ConfigDict) -> Init:
   workdir = os.path.abspath(config.init) if config.init else None
   pre = None
+  from_best = False
+  if workdir and not os.path.isfile(os.path.join(workdir, run_config.CONFIG_FILE)):
+    parent = os.path.dirname(workdir)
+    if (os.path.basename(workdir) == BEST_DIR
+        and os.path.isfile(os.path.join(parent, ENCODER_CONFIG_FILE))):
+      workdir, from_best = parent, True  # FT/best: a fine-tuned run's best checkpoint
   if workdir:
     if not os.path.isfile(os.path.join(workdir, run_config.CONFIG_FILE)):
       raise FileNotFoundError(f"config.init={config.init!r} is not a bert-jax workdir (no "
@@ -145,7 +152,13 @@ def load_init(config: ml_collections.ConfigDict) -> Init:
   encoder = pooler = step = None
   if workdir and config.init_weights:
     want = None if config.init_step < 0 else int(config.init_step)
-    params, step = checkpoint_lib.restore_params(workdir, want, config.init_which)
+    # Two-stage fine-tuning: a fine-tuned workdir's best dev checkpoint is in its best/.
+    best_dir = os.path.join(workdir, BEST_DIR)
+    if (os.path.isfile(os.path.join(workdir, ENCODER_CONFIG_FILE)) and os.path.isdir(best_dir)
+        and (from_best or config.init_which == "best")):
+      params, step = checkpoint_lib.restore_params(best_dir, want, "latest")
+    else:
+      params, step = checkpoint_lib.restore_params(workdir, want, config.init_which)
     if "encoder" not in params:
       raise ValueError(f"the checkpoint of {workdir} has no 'encoder' parameters "
                        f"(it has {sorted(params)})")
