@@ -66,7 +66,11 @@ def full_config(saved: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def load_finetuned(workdir: str) -> FineTuned:
+def load_finetuned(workdir: str, which: str | None = None) -> FineTuned:
+  """The workdir's parameters at `which` checkpoint: "best" (best/checkpoints, the best
+  dev score), "latest" (checkpoints/), or None: the best where there is one."""
+  if which not in (None, "best", "latest"):
+    raise CompressError(f"which={which!r} is not one of ('best', 'latest')")
   workdir = os.path.abspath(workdir)
   enc_file = os.path.join(workdir, restore.ENCODER_CONFIG_FILE)
   if not (os.path.isfile(os.path.join(workdir, run_config.CONFIG_FILE))
@@ -77,7 +81,11 @@ def load_finetuned(workdir: str) -> FineTuned:
   with open(enc_file) as f:
     cfg = EncoderConfig.from_dict(json.load(f))
   best = os.path.join(workdir, loop.BEST_DIR)
-  src = best if os.path.isdir(os.path.join(best, checkpoint_lib.CHECKPOINT_DIR)) else workdir
+  has_best = os.path.isdir(os.path.join(best, checkpoint_lib.CHECKPOINT_DIR))
+  if which == "best" and not has_best:
+    raise CompressError(f"{workdir!r} has no best checkpoint (no {best}/checkpoints: "
+                        "fine-tuned with train.save_best=False); use the latest")
+  src = best if has_best and which != "latest" else workdir
   try:
     params, step = checkpoint_lib.restore_params(src)
   except FileNotFoundError as e:
@@ -147,13 +155,7 @@ class TaskData:
     for idx in batching.eval_batches(self.dev.lengths, bs, sort=c.data.dynamic_padding):
       out = jax.device_get(run(params, self.batch(self.dev, idx, bs)))
       for j, i in enumerate(idx):
-        n = self.dev.lengths[i]
-        if kind == "qa":
-          outputs[i] = {k: np.asarray(v[j, :n], np.float32) for k, v in out.items()}
-        elif kind == "tagging":
-          outputs[i] = np.asarray(out[j, :n], np.float32)
-        else:
-          outputs[i] = np.asarray(out[j], np.float32)
+        outputs[i] = predictions.feature_output(kind, out, j, self.dev.lengths[i])
     return predictions.evaluate(kind, self.dev.data.records, self.dev.feats, outputs,
                                 c.task, self.label_names)
 

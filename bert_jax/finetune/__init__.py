@@ -8,7 +8,8 @@
 Modules: tasks (heads and losses, as an objective), readers (bundled / files / tfds
 records), features (tokenisation, QA windows and offsets), batching (dynamic padding,
 bucketing), predictions (dev predictions and scores), scores (the metrics), restore (the
-encoder of a pretraining workdir), loop (finetune), compare (demo: pretrained vs random init).
+encoder of a pretraining workdir), loop (finetune), compare (demo: pretrained vs random init),
+predict (predictions on new data, fill-mask: launch.predict).
 """
 
 from bert_jax.finetune.compare import demo, demo_config

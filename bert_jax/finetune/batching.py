@@ -55,6 +55,15 @@ def collate(features: Sequence[dict[str, np.ndarray]], length: int, batch_size: 
   return out
 
 
+def padded_batch(features: Sequence[dict[str, np.ndarray]], batch_size: int, pad_id: int,
+                 seq_len: int, multiple: int, dynamic: bool) -> dict[str, np.ndarray]:
+  """`features` collated at their bucketed length (dynamic padding), as the dev
+  evaluation batches them."""
+  longest = max(feature_length(f) for f in features)
+  return collate(features, bucket_length(longest, seq_len, multiple, dynamic), batch_size,
+                 pad_id)
+
+
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
                   bucket: bool, bucket_batches: int = 50) -> list[np.ndarray]:
   """The index batches of one training epoch (the last partial batch dropped)."""

@@ -12,7 +12,8 @@ words (tagging) or answer text (qa). Sequences are `[CLS] a [SEP]` or `[CLS] a [
 [SEP]` with segment ids 0 then 1; pairs are truncated longest-first, as transformers does.
 Long QA contexts are cut into windows `task.doc_stride` pieces apart (original BERT's
 meaning of doc_stride), each window scored; a piece's score counts only in the window
-where it has the most context on both sides.
+where it has the most context on both sides. Unlabelled records (new data to predict on)
+featurize alike, with placeholder labels (0; -1 for tags, ignored) that nothing reads.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def sequence_features(records, tok: Tokenizer, seq_len: int, kind: str) -> Featu
     ids, seg = _seq_pair(tok, a, b, seq_len)
     truncated += len(a) + (len(b) + 1 if b is not None else 0) + 2 > seq_len
     feats.append({"input_ids": ids, "segment_ids": seg,
-                  "label": np.asarray(r["label"], dtype)})
+                  "label": np.asarray(r.get("label", 0), dtype)})
     meta.append({"example": i})
   return Featurized(feats, meta, len(records), {"truncated": int(truncated)})
 
@@ -134,7 +135,7 @@ def choice_features(records, tok: Tokenizer, seq_len: int) -> Featurized:
     for j, (x, s) in enumerate(rows):
       ids[j, :len(x)], seg[j, :len(s)], mask[j, :len(x)] = x, s, 1
     feats.append({"input_ids": ids, "segment_ids": seg, "attention_mask": mask,
-                  "label": np.asarray(r["label"], np.int32)})
+                  "label": np.asarray(r.get("label", 0), np.int32)})
     meta.append({"example": i})
   return Featurized(feats, meta, len(records), {"truncated": int(truncated)})
 
@@ -146,7 +147,7 @@ def tagging_features(records, tok: Tokenizer, seq_len: int) -> Featurized:
   feats, meta, k, truncated_words = [], [], 0, 0
   for i, r in enumerate(records):
     ids, labels, first = [], [], []
-    for w, tag in zip(r["tokens"], r["tags"]):
+    for w, tag in zip(r["tokens"], r.get("tags") or [-1] * len(r["tokens"])):
       p = pieces[k] or [tok.unk_id]
       k += 1
       if len(ids) + len(p) > seq_len - 2:
@@ -190,7 +191,7 @@ def qa_features(records, tok: Tokenizer, seq_len: int, *, max_query_len: int,
     while starts[-1] + room < len(ctx_ids):
       starts.append(starts[-1] + stride)
     target = None
-    if r["answers"]:
+    if r.get("answers"):
       span = answer_char_span(r["context"], r["answers"][0])
       if span is None:
         stats["answer_not_found"] += 1

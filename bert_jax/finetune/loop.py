@@ -30,6 +30,7 @@ from bert_jax import memory as memory_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import optim, run_config, sharding, train
 from bert_jax import tricks as tricks_lib
+from bert_jax.encoder import EncoderConfig
 from bert_jax.finetune import batching, features as features_lib, predictions, readers
 from bert_jax.finetune import restore, scores as scores_lib
 from bert_jax.finetune.tasks import POOLED_KINDS, TaskObjective
@@ -164,18 +165,27 @@ def _to_host(tree):
 # ----------------------------------------------------------------------------- state
 
 
-def build(config, init: restore.Init, n_out: int, total_steps: int):
+def task_model(config: ml_collections.ConfigDict, cfg: EncoderConfig, n_out: int
+               ) -> tuple[Any, Any]:
+  """(model, composition): the task head on the encoder `cfg`, as training, the dev
+  evaluation and prediction (bert_jax.finetune.predict) apply it; with quant.mode=qat,
+  fake-quantized."""
   head = config.get("head") or configs_finetune.base_config().head
   task = TaskObjective(config.task.kind, n_out, config.model.classifier_dropout,
                        head.pooling, int(head.pool_layers), int(head.multi_sample_dropout))
   composition = objectives_lib.compose((objectives_lib.WeightedObjective(task, 1.0),))
-  model = PretrainModel(init.encoder_config, composition)
+  model = PretrainModel(cfg, composition)
   quant = config.get("quant") or {}
   if quant.get("mode", "none") not in ("none", "qat"):
     raise ValueError(f"quant.mode={quant.get('mode')!r} is not one of ('none', 'qat')")
   if quant.get("mode", "none") == "qat":  # qwix fake quantization (bert_jax.compress)
     from bert_jax.compress import quantize
     model = quantize.qat_model(model, quant.get("act", "int8"))
+  return model, composition
+
+
+def build(config, init: restore.Init, n_out: int, total_steps: int):
+  model, composition = task_model(config, init.encoder_config, n_out)
   tricks = make_tricks(config, init.encoder_config)
   tx = make_optimizer(config, total_steps, init.encoder_config, tricks)
   policy = config.train.nan_policy
@@ -381,13 +391,7 @@ def finetuning(config: ml_collections.ConfigDict, workdir: str, mesh, rules, *,
       out = _to_host(out)
       ms.append(m)
       for j, i in enumerate(idx):
-        n = dev_split.lengths[i]
-        if kind == "qa":
-          outputs[i] = {k: np.asarray(v[j, :n], np.float32) for k, v in out.items()}
-        elif kind == "tagging":
-          outputs[i] = np.asarray(out[j, :n], np.float32)
-        else:
-          outputs[i] = np.asarray(out[j], np.float32)
+        outputs[i] = predictions.feature_output(kind, out, j, dev_split.lengths[i])
     scores, rows = predictions.evaluate(kind, dev_split.data.records, dev_split.feats,
                                         outputs, config.task, label_names)
     dev_rows[:] = [rows]

@@ -1,4 +1,5 @@
-"""Model outputs on the dev features -> predictions per example, dev scores, JSONL rows.
+"""Model outputs on the dev features -> predictions per example, dev scores, JSONL rows;
+on new data (no labels) -> prediction rows alone (`prediction_rows`, launch.predict).
 
 QA decoding is original BERT's: for each window, the n-best start and end pieces inside
 the context (end >= start, at most max_answer_len pieces, start in its max-context window)
@@ -22,6 +23,16 @@ def _softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
+def feature_output(kind: str, out: Any, j: int, n: int) -> Any:
+  """Row j of a batch's task outputs as one feature's, float32 on the host: per-piece
+  outputs (qa, tagging) cut back to the feature's n pieces."""
+  if kind == "qa":
+    return {k: np.asarray(v[j, :n], np.float32) for k, v in out.items()}
+  if kind == "tagging":
+    return np.asarray(out[j, :n], np.float32)
+  return np.asarray(out[j], np.float32)
+
+
 def best_span(start: np.ndarray, end: np.ndarray, meta: dict[str, Any], n_best: int,
               max_answer_len: int) -> tuple[float, int, int] | None:
   """(score, first context piece, last context piece) of the best span in one window."""
@@ -42,8 +53,10 @@ def best_span(start: np.ndarray, end: np.ndarray, meta: dict[str, Any], n_best: 
   return best
 
 
-def qa_predictions(records, feats: Featurized, outputs: Sequence[dict[str, np.ndarray]],
-                   task: Any) -> dict[str, str]:
+def qa_answers(records, feats: Featurized, outputs: Sequence[dict[str, np.ndarray]],
+               task: Any) -> list[tuple[str, float | None]]:
+  """(answer text, score) per example: the best span and its start + end logit; with
+  SQuAD v2's null answer, "" and the null score; ("", None) when no window has a span."""
   best: dict[int, tuple[float, str]] = {}
   null: dict[int, float] = {}
   for meta, out in zip(feats.meta, outputs):
@@ -54,13 +67,29 @@ def qa_predictions(records, feats: Featurized, outputs: Sequence[dict[str, np.nd
     if span is not None and (ex not in best or span[0] > best[ex][0]):
       a, b = meta["spans"][span[1], 0], meta["spans"][span[2], 1]
       best[ex] = (span[0], records[ex]["context"][a:b])
-  preds = {}
-  for ex, r in enumerate(records):
-    score, text = best.get(ex, (-np.inf, ""))
-    if task.version_2 and null.get(ex, np.inf) - score > float(task.null_threshold):
-      text = ""
-    preds[r["id"]] = text
-  return preds
+  answers: list[tuple[str, float | None]] = []
+  for ex in range(len(records)):
+    score, text = best.get(ex, (None, ""))
+    span_score = -np.inf if score is None else score
+    if task.version_2 and null.get(ex, np.inf) - span_score > float(task.null_threshold):
+      text, score = "", null.get(ex)
+    answers.append((text, score))
+  return answers
+
+
+def qa_predictions(records, feats: Featurized, outputs: Sequence[dict[str, np.ndarray]],
+                   task: Any) -> dict[str, str]:
+  return {r["id"]: text
+          for r, (text, _) in zip(records, qa_answers(records, feats, outputs, task))}
+
+
+def word_tags(meta: dict[str, Any], out: np.ndarray, names: list[str]) -> np.ndarray:
+  """The tag id of each word: the argmax on its first piece; words cut by seq_len are
+  predicted "O" (they are the last words of the sentence)."""
+  tags = np.full(meta["num_words"], names.index("O") if "O" in names else 0)
+  kept = out[meta["first_pieces"]].argmax(-1)
+  tags[:len(kept)] = kept
+  return tags
 
 
 def evaluate(kind: str, records, feats: Featurized, outputs: list[Any], task: Any,
@@ -98,10 +127,7 @@ def evaluate(kind: str, records, feats: Featurized, outputs: list[Any], task: An
     names = label_names or []
     gold, pred, correct, total = [], [], 0, 0
     for r, meta, out in zip(records, feats.meta, outputs):
-      tags = np.full(meta["num_words"], names.index("O") if "O" in names else 0)
-      kept = out[meta["first_pieces"]].argmax(-1)
-      # words cut by seq_len are predicted "O"; they are the last words of the sentence
-      tags[:len(kept)] = kept
+      tags = word_tags(meta, out, names)
       g = [names[t] for t in r["tags"]]
       p = [names[t] for t in tags]
       gold.append(g)
@@ -120,4 +146,39 @@ def evaluate(kind: str, records, feats: Featurized, outputs: list[Any], task: An
     rows = [{"id": r["id"], "question": r["question"], "prediction": preds[r["id"]],
              "answers": golds[r["id"]]} for r in records]
     return result, rows
+  raise ValueError(f"unknown task kind {kind!r}")
+
+
+def prediction_rows(kind: str, records, feats: Featurized, outputs: list[Any], task: Any,
+                    label_names: list[str] | None) -> list[dict[str, Any]]:
+  """One row of predictions per record of new data (no labels), computed as `evaluate`
+  computes them (the same softmax, rounding and decoding), so that a dev record predicts
+  what predictions_dev.jsonl holds for it.
+
+  classification {"label", "probabilities": {name: p}}; regression {"value"}; multiple
+  choice {"choice", "choice_text", "probabilities": [p]}; qa {"answer", "score"}; tagging
+  {"tags"} (one per word).
+  """
+  if kind in ("classification", "multiple_choice"):
+    logits = np.stack(outputs)
+    preds, probs = logits.argmax(-1), _softmax(logits.astype(np.float64))
+    names = label_names or [str(i) for i in range(logits.shape[-1])]
+    rows = []
+    for r, k, p in zip(records, preds, probs):
+      rounded = [round(float(x), 5) for x in p]
+      if kind == "classification":
+        rows.append({"label": names[k], "probabilities": dict(zip(names, rounded))})
+      else:
+        rows.append({"choice": int(k), "choice_text": r["choices"][k],
+                     "probabilities": rounded})
+    return rows
+  if kind == "regression":
+    return [{"value": float(v)} for v in np.asarray(outputs, np.float64)]
+  if kind == "tagging":
+    names = label_names or []
+    return [{"tags": [names[t] for t in word_tags(meta, out, names)]}
+            for meta, out in zip(feats.meta, outputs)]
+  if kind == "qa":
+    return [{"answer": text, "score": None if score is None else round(float(score), 5)}
+            for text, score in qa_answers(records, feats, outputs, task)]
   raise ValueError(f"unknown task kind {kind!r}")

@@ -13,7 +13,9 @@ Labels given as strings are mapped through `task.label_names` (comma-separated),
 through the sorted labels of the train split; tfds ClassLabel features give their names.
 Records a reader cannot use (a missing label such as GLUE's -1 on test splits, a label
 outside the label set, the wrong number of choices) are skipped and counted; a split
-with no usable record is an error that says why.
+with no usable record is an error that says why. `input_record` makes the same shapes
+without labels from rows of new data (prediction), where a row it cannot use is an error
+naming its line (`numbered_rows`).
 """
 
 from __future__ import annotations
@@ -72,29 +74,74 @@ def _open_text(path: str) -> io.TextIOBase:
   return open(path, encoding="utf-8", newline="")
 
 
-def read_rows(path: str) -> Iterator[dict[str, Any]]:
-  """Rows of a .csv / .tsv (header line) or .jsonl / .json (JSON lines or one list) file,
-  optionally gzipped."""
+def numbered_rows(path: str, *, strict: bool = False
+                  ) -> Iterator[tuple[int, str, dict[str, Any]]]:
+  """(number, where, row) for each row of a .csv / .tsv (header line) or .jsonl / .json
+  (JSON lines or one list) file, optionally gzipped: `number` is the row's line in the
+  file (where a quoted CSV field spans lines, the last; a JSON list's item number),
+  `where` the "PATH:LINE" (or "PATH item N") that messages name.
+
+  strict: a CSV/TSV row whose number of columns is not the header's, or a JSON line that
+  is not an object, is an error naming its line (prediction refuses what training reads as
+  it comes: DictReader's None for a missing column)."""
   base = path[:-3] if path.endswith(".gz") else path
   ext = os.path.splitext(base)[1].lower()
   with _open_text(path) as f:
     if ext in (".csv", ".tsv"):
-      yield from csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+      reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+      try:
+        for row in reader:
+          where = f"{path}:{reader.line_num}"
+          if strict and (None in row or None in row.values()):
+            width = len(reader.fieldnames) + len(row.get(None) or ()) - sum(
+                v is None for k, v in row.items() if k is not None)
+            raise ValueError(f"{where}: {width} column{'' if width == 1 else 's'} where the "
+                             f"header ({path}:1) has {len(reader.fieldnames)} "
+                             f"({', '.join(reader.fieldnames)})")
+          yield reader.line_num, where, row
+      except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: not a valid "
+                         f"{ext[1:].upper()} row ({e})") from None
     elif ext in (".jsonl", ".json"):
       text = f.read()
       stripped = text.lstrip()
       if stripped.startswith("["):
-        yield from json.loads(text)
+        for n, row in enumerate(json.loads(text), 1):
+          where = f"{path} item {n}"
+          if strict and not isinstance(row, dict):
+            raise ValueError(f"{where}: not a JSON object ({type(row).__name__})")
+          yield n, where, row
         return
       for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
           try:
-            yield json.loads(line)
+            row = json.loads(line)
           except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+          if strict and not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object (a {type(row).__name__})")
+          yield n, f"{path}:{n}", row
     else:
       raise ValueError(f"{path}: unknown file type {ext!r} (use .csv, .tsv, .jsonl or .json, "
                        "optionally .gz)")
+
+
+def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number, line) of a plain-text file (optionally gzipped), every line, blank ones
+  included: prediction's "one example per line", where a blank line is a bad example."""
+  with _open_text(path) as f:
+    lines = f.read().split("\n")
+  if lines and lines[-1] == "":  # the newline that ends the last line
+    lines.pop()
+  for n, line in enumerate(lines, 1):
+    yield n, line.rstrip("\r")
+
+
+def read_rows(path: str) -> Iterator[dict[str, Any]]:
+  """Rows of a .csv / .tsv (header line) or .jsonl / .json (JSON lines or one list) file,
+  optionally gzipped."""
+  for _, _, row in numbered_rows(path):
+    yield row
 
 
 def _split_field(task: ml_collections.ConfigDict, split: str, prefix: str) -> str:
@@ -287,6 +334,60 @@ def _records(kind: str, task: ml_collections.ConfigDict, rows: Iterable[dict[str
     else:
       raise ValueError(f"unknown task kind {kind!r}")
   return out
+
+
+def _input_field(row: dict[str, Any], task: ml_collections.ConfigDict, field: str,
+                 where: str, *, key: str | None = None, text: bool = True) -> Any:
+  """row[task.<field>] (or row[key]); a missing field, or an empty text, is an error
+  naming `where` and the config field that names it."""
+  key = key or task[field]
+  if key not in row:
+    raise ValueError(f"{where}: no field {key!r} (the workdir's task.{field}); the row has "
+                     f"{sorted(row)}")
+  if not text:
+    return row[key]
+  value = _text(row[key])
+  if not value.strip():
+    raise ValueError(f"{where}: empty text in field {key!r} (task.{field})")
+  return value
+
+
+def input_record(kind: str, task: ml_collections.ConfigDict, row: dict[str, Any],
+                 where: str) -> dict[str, Any]:
+  """One unlabelled record of `kind` (the shapes of the module docstring, without labels)
+  from a row of new data: what prediction featurizes. Where `_records` skips a row it
+  cannot use and counts it, a row here is one the user asked about: a missing field, an
+  empty text or the wrong number of choices is an error naming `where`."""
+  if kind in ("classification", "regression"):
+    pair = _input_field(row, task, "text_pair_key", where) if task.text_pair_key else None
+    return {"text": _input_field(row, task, "text_key", where), "text_pair": pair}
+  if kind == "tagging":
+    value = _input_field(row, task, "tokens_key", where, text=False)
+    tokens = [t for t in (_text(v) for v in _list(value)) if t.strip()]
+    if not tokens:
+      raise ValueError(f"{where}: no tokens in field {task.tokens_key!r} (task.tokens_key)")
+    return {"tokens": tokens}
+  if kind == "qa":
+    record = {"question": _input_field(row, task, "question_key", where),
+              "context": _input_field(row, task, "context_key", where), "answers": []}
+    if task.id_key and task.id_key in row:
+      record["id"] = _text(row[task.id_key])
+    return record
+  if kind == "multiple_choice":
+    context = _input_field(row, task, "context_key", where) if task.context_key else ""
+    prefix = _input_field(row, task, "question_key", where) if task.question_key else ""
+    keys = [k.strip() for k in task.choices_key.split(",") if k.strip()]
+    if len(keys) == 1:
+      value = _input_field(row, task, "choices_key", where, key=keys[0], text=False)
+      choices = [_text(c) for c in _list(value)]
+    else:
+      choices = [_input_field(row, task, "choices_key", where, key=k) for k in keys]
+    if len(choices) != task.num_choices:
+      raise ValueError(f"{where}: {len(choices)} choices; the model was fine-tuned with "
+                       f"task.num_choices={task.num_choices}")
+    choices = [f"{prefix} {c}".strip() if prefix else c for c in choices]
+    return {"context": context, "choices": choices}
+  raise ValueError(f"unknown task kind {kind!r}")
 
 
 def _parse_names(names: str) -> list[str] | None:

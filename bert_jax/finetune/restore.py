@@ -49,19 +49,25 @@ class Init:
   description: str
 
 
+def workdir_tokenizer_path(workdir: str, pre: ml_collections.ConfigDict | None) -> str:
+  """The tokenizer a workdir was trained with: the one saved in it, else its config's
+  data.tokenizer."""
+  in_workdir = tokenizer_lib.workdir_tokenizer(workdir)
+  if in_workdir is not None:
+    return str(in_workdir)
+  configured = pre.data.get("tokenizer") if pre is not None and "data" in pre else ""
+  if configured:
+    return configured
+  raise ValueError(f"{workdir!r} has no {tokenizer_lib.MODEL_FILENAME} or tokenizer.json "
+                   "and its config names no data.tokenizer: give one with --config.tokenizer")
+
+
 def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str | None,
                     pre: ml_collections.ConfigDict | None) -> str:
   if config.tokenizer:
     return config.tokenizer
   if workdir:
-    in_workdir = tokenizer_lib.workdir_tokenizer(workdir)
-    if in_workdir is not None:
-      return str(in_workdir)
-    configured = pre.data.get("tokenizer") if pre is not None and "data" in pre else ""
-    if configured:
-      return configured
-    raise ValueError(f"{workdir!r} has no {tokenizer_lib.MODEL_FILENAME} or tokenizer.json "
-                     "and its config names no data.tokenizer: give one with --config.tokenizer")
+    return workdir_tokenizer_path(workdir, pre)
   raise ValueError("config.init='' (random init) needs a tokenizer: --config.tokenizer=PATH "
                    "(a sentencepiece .model or a tokenizer.json)")
 
