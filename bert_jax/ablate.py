@@ -24,6 +24,7 @@ import numpy as np
 import objectives as objectives_lib
 from bert_jax import metrics as metrics_lib
 from bert_jax import run_config
+from bert_jax import seeds as seeds_lib
 from bert_jax.budget import Budget, step_flops
 from bert_jax.compile_cache import use_compilation_cache
 
@@ -246,20 +247,34 @@ def write_results(results: list[CellResult], out: str, ablation) -> None:
     return "–" if isinstance(x, float) and math.isnan(x) else (
         f"{x:.4g}" if isinstance(x, float) else str(x))
 
+  by_name = {r.name: r for r in results}
+  baseline = ablation.get("baseline") or str(ablation.order).split(",")[0].strip()
   md = [f"# Ablation `{ablation.name}`: budget {fmt(float(ablation.budget.value))} {unit} per cell",
         "", "| cell | status | objectives | steps | model FLOPs | " + " | ".join(pre_keys) + " | " +
-        " | ".join(f"{t} (mean ± std over seeds)" for t in tasks) + " | wall s | tok/s |",
-        "|" + "---|" * (5 + len(pre_keys) + len(tasks) + 2)]
+        " | ".join(f"{t} (mean ± std [95% CI] over seeds)" for t in tasks) + " | " +
+        " | ".join(f"{t} vs {baseline}: difference [95% CI], paired t" for t in tasks) +
+        " | wall s | tok/s |",
+        "|" + "---|" * (5 + len(pre_keys) + 2 * len(tasks) + 2)]
+  base_scores = {t: dict(enumerate(by_name[baseline].scores.get(t, [])))
+                 if baseline in by_name else {} for t in tasks}
   for r in results:
-    scores = []
+    scores, versus = [], []
     for t in tasks:
       m, s = _mean_std(r.scores.get(t, []))
-      scores.append("–" if math.isnan(m) else f"{m:.4f} ± {s:.4f}")
+      iv = seeds_lib.interval(r.scores.get(t, []))
+      ci = f" [{iv.low:.4f}, {iv.high:.4f}]" if iv.n > 1 else ""
+      scores.append("–" if math.isnan(m) else f"{m:.4f} ± {s:.4f}{ci}")
+      # Seeds are the same list for every cell: pair them by position.
+      pair = seeds_lib.paired(dict(enumerate(r.scores.get(t, []))), base_scores[t])
+      versus.append("baseline" if r.name == baseline else "–" if pair.verdict == "n/a" else
+                    f"{pair.difference.mean:+.4f} [{pair.difference.low:+.4f}, "
+                    f"{pair.difference.high:+.4f}], p={pair.p_value:.3f}: **{pair.verdict}**")
     status = r.status if r.status == "done" else f"{r.status}: {r.error[:80]}"
     flops_text = f"{r.model_flops:.3g}" if r.model_flops else "–"
     md.append(f"| {r.name} | {status} | {r.objectives} | {r.steps} | {flops_text} | " +
               " | ".join(fmt(r.pretrain.get(k, math.nan)) for k in pre_keys) + " | " +
-              " | ".join(scores) + f" | {r.wall_time_s:.0f} | {r.tokens_per_second:,.0f} |")
+              " | ".join(scores) + " | " + " | ".join(versus) +
+              f" | {r.wall_time_s:.0f} | {r.tokens_per_second:,.0f} |")
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(md) + "\n")
   plot_results(results, out, ablation, tasks)

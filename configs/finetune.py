@@ -120,6 +120,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The tricks launch.finetune_tricks compares, each as overrides of one fine-tuning config
+# (ablate's "field=value;..." syntax); "baseline" is the config as it is. The figures for
+# the bundled task are in docs/finetune_tricks.md.
+TRICKS = {
+    "baseline": "",
+    "fgm": "adversarial.mode=fgm;adversarial.epsilon=1.0",
+    "pgd": "adversarial.mode=pgd;adversarial.epsilon=1.0;adversarial.steps=3;"
+           "adversarial.alpha=0.3",
+    "ema": "average.mode=ema;average.decay=0.99",
+    "swa": "average.mode=swa;average.start=90;average.every=10",  # the second half of 187
+    "mixout": "mixout=0.1;model.hidden_dropout=0.0",
+    "freeze_embeddings": "freeze.embeddings=True",
+    "mean_pooling": "head.pooling=mean",
+    "weighted_layers": "head.pooling=weighted;head.pool_layers=2",
+    "multi_sample_dropout": "head.multi_sample_dropout=5",
+    "layer_decay": "optim.layer_decay=0.8",
+    "reinit_top_layer": "reinit_layers=1",
+}
+
+
 def _glue(c, name):
   text, pair, metrics, main, dev = GLUE[name]
   c.task.update(dict(name=name, source="tfds", tfds_name=f"glue/{name}", text_key=text,

@@ -110,7 +110,9 @@ def test_resume_skips_finished_cells_and_reports_failures(tmp_path, monkeypatch)
     assert float(rows[name]["bundled_mean"]) == pytest.approx(0.55)
     assert float(rows[name]["steps"]) == 3
   md = (tmp_path / "results.md").read_text()
-  assert "0.5500 ± 0.0707" in md
+  assert "0.5500 ± 0.0707 [-0.0853, 1.1853]" in md  # t_{0.975, 1} = 12.706
+  # Every cell scored as the baseline (mlm) on both seeds: a difference of 0 is noise.
+  assert "bundled vs mlm" in md and md.count("p=1.000: **noise**") == 2
   for png in ("pretrain_loss.png", "scores_bundled.png"):
     assert (tmp_path / png).stat().st_size > 1000
 
