@@ -94,14 +94,19 @@ def _constant(x: np.ndarray) -> bool:
   return bool(np.all(x == x[0]))
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-  """Pearson's r; 0 when either side is constant, nan when empty."""
+def _correlation(name: str, fn, x: np.ndarray, y: np.ndarray) -> float:
+  """scipy's coefficient `fn`; 0 when either side is constant, nan when empty."""
   x, y = (np.asarray(v, np.float64).ravel() for v in (x, y))
   if len(x) != len(y):
-    raise ValueError(f"pearson: {len(x)} predictions for {len(y)} labels")
+    raise ValueError(f"{name}: {len(x)} predictions for {len(y)} labels")
   if not x.size:
     return _NAN
-  return 0.0 if _constant(x) or _constant(y) else float(stats.pearsonr(x, y).statistic)
+  return 0.0 if _constant(x) or _constant(y) else float(fn(x, y).statistic)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+  """Pearson's r; 0 when either side is constant, nan when empty."""
+  return _correlation("pearson", stats.pearsonr, x, y)
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
@@ -111,12 +116,7 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
   """Spearman's rho (Pearson on average ranks); 0 when either side is constant."""
-  x, y = (np.asarray(v, np.float64).ravel() for v in (x, y))
-  if len(x) != len(y):
-    raise ValueError(f"spearman: {len(x)} predictions for {len(y)} labels")
-  if not x.size:
-    return _NAN
-  return 0.0 if _constant(x) or _constant(y) else float(stats.spearmanr(x, y).statistic)
+  return _correlation("spearman", stats.spearmanr, x, y)
 
 
 def mse(preds: np.ndarray, labels: np.ndarray) -> float:
