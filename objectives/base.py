@@ -275,6 +275,9 @@ class Objective(abc.ABC):
   # The transformers head layout `hf_head` builds, as bert_jax/hf.py's family tables name
   # it; None: no transformers head (export writes the encoder alone).
   hf_head_kind: ClassVar[str | None] = None
+  # Its head gives vocabulary logits at the masked view's mlm_positions, from its own
+  # from_config alone: what launch.predict's fill-mask runs.
+  fills_masks: ClassVar[bool] = False
 
   @classmethod
   def hf_head(cls, encoder_config: Any, name: str) -> nn.Module:

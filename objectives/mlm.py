@@ -170,6 +170,7 @@ class MaskedLM(Objective):
     return "objectives.torch_peers:bert"
 
   hf_head_kind = "mlm"
+  fills_masks = True
 
   @classmethod
   def hf_head(cls, encoder_config, name):

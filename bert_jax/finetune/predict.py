@@ -240,7 +240,7 @@ def fill_mask_model(workdir: str) -> FillMaskModel:
                      "names no objectives)")
   tok = tokenizer_lib.load_tokenizer(restore.workdir_tokenizer_path(workdir, config))
   names = [n for n, _ in objectives_lib.parse_spec(config.objectives)]
-  mlm = [n for n in names if objectives_lib.get(n).hf_head_kind == "mlm"]
+  mlm = [n for n in names if objectives_lib.get(n).fills_masks]
   if not mlm:
     raise ValueError(f"{workdir!r} was pretrained without an MLM head (objectives "
                      f"{config.objectives!r}): fill-mask needs one (e.g. mlm); to predict a "
