@@ -24,6 +24,9 @@ flags.DEFINE_string("root", "runs/c6", "Where the runs go.")
 flags.DEFINE_float("epochs", 1.0, "Fine-tuning epochs (and after layer dropping).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
 flags.DEFINE_float("lr", 5e-4, "Fine-tuning learning rate.")
+flags.DEFINE_string("distilled", "", "A distilled student's pretraining workdir (e.g. "
+                    "distilbert,tiny with --config.distill.teacher=PRETRAIN): fine-tuned "
+                    "with the same recipe and seeds, the table's 'distilled' row.")
 
 
 def main(argv):
@@ -44,17 +47,21 @@ def main(argv):
       json.dump(summary, f, indent=2, sort_keys=True)
 
   seeds = [int(s) for s in FLAGS.seeds]
-  for s in seeds:
-    ft = os.path.join(root, f"ft_s{s}")
-    if not os.path.isfile(os.path.join(ft, "results.json")):
-      c = demo_config(os.path.abspath(FLAGS.pretrain), train__epochs=FLAGS.epochs,
-                      optim__lr=FLAGS.lr)
-      c.seed = s
-      print(f"== fine-tuning seed {s} -> {ft}", flush=True)
-      finetune(c, ft, quiet=True)
-    with open(os.path.join(ft, "results.json")) as f:
-      summary.setdefault("fp32", {})[str(s)] = json.load(f)["best"]
-    save()
+  inits = [("fp32", "ft", FLAGS.pretrain)]
+  if FLAGS.distilled:
+    inits.append(("distilled", "distilled_ft", FLAGS.distilled))
+  for row, prefix, pretrain in inits:
+    for s in seeds:
+      ft = os.path.join(root, f"{prefix}_s{s}")
+      if not os.path.isfile(os.path.join(ft, "results.json")):
+        c = demo_config(os.path.abspath(pretrain), train__epochs=FLAGS.epochs,
+                        optim__lr=FLAGS.lr)
+        c.seed = s
+        print(f"== fine-tuning {row} seed {s} -> {ft}", flush=True)
+        finetune(c, ft, quiet=True)
+      with open(os.path.join(ft, "results.json")) as f:
+        summary.setdefault(row, {})[str(s)] = json.load(f)["best"]
+      save()
   jobs = [("int8", "int8", {}), ("heads:0.3", "heads30", {}), ("heads:0.5", "heads50", {}),
           ("qat", "qat", {}),
           ("layers:top:2", "layers2", {"finetune_epochs": FLAGS.epochs}),
