@@ -9,7 +9,9 @@ Modules: tasks (heads and losses, as an objective), readers (bundled / files / t
 records), features (tokenisation, QA windows and offsets), batching (dynamic padding,
 bucketing), predictions (dev predictions and scores), scores (the metrics), restore (the
 encoder of a pretraining workdir), loop (finetune), compare (demo: pretrained vs random init),
-predict (predictions on new data, fill-mask: launch.predict).
+predict (predictions on new data, fill-mask: launch.predict), kfold (cross-validation
+folds and out-of-fold scores), ensemble (averaged members), pseudo (pseudo-labelling):
+launch.finetune_kit.
 """
 
 from bert_jax.finetune.compare import demo, demo_config

@@ -477,3 +477,25 @@ def read_split(task: ml_collections.ConfigDict, split: str,
     raise ValueError(f"{where}: tagging needs tag names (task.label_names, e.g. "
                      "'O,B-PER,I-PER') for entity-level F1")
   return TaskData(records, label_names, dict(skipped), where)
+
+
+def write_records(path: str, task: ml_collections.ConfigDict,
+                  records: Iterable[dict[str, Any]]) -> int:
+  """Classification / regression records back as JSONL rows under the task's own field
+  names (text_key, text_pair_key, label_key; the label as its class id), which
+  task.source='files' reads back to the same records when task.label_names is the full
+  label set: how k-fold splits and pseudo-labels reach the loop. Returns the row count."""
+  if task.kind not in ("classification", "regression"):
+    raise ValueError(f"write_records: task.kind={task.kind!r} is not classification or "
+                     "regression")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp, n = path + ".tmp", 0
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in records:
+      row = {task.text_key: r["text"], task.label_key: r["label"]}
+      if task.text_pair_key:
+        row[task.text_pair_key] = r["text_pair"] or ""
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      n += 1
+  os.replace(tmp, path)
+  return n
