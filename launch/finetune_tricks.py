@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 from absl import flags
 from absl import logging as absl_logging
@@ -60,7 +61,11 @@ def main(argv):
   ablate.apply_overrides(base, ";".join(FLAGS.config))
   os.makedirs(FLAGS.out, exist_ok=True)
   use_compilation_cache(os.path.join(FLAGS.out, "jax_cache"))
-  runs = grid.run_grid(base, tricks, seeds, FLAGS.out)
+  try:
+    runs = grid.run_grid(base, tricks, seeds, FLAGS.out)
+  except grid.Preempted as e:
+    print(f"{e}", file=sys.stderr, flush=True)
+    sys.exit(128 + e.signal)
   main_metric = base.task.main_metric
   rows = grid.report(runs, tricks, main_metric)
   table = grid.markdown(rows, main_metric)

@@ -23,6 +23,13 @@ from bert_jax.finetune import loop, scores as scores_lib
 BASELINE = "baseline"
 
 
+class Preempted(Exception):
+  def __init__(self, signal: int, workdir: str):
+    super().__init__(f"signal {signal} stopped {workdir} after a checkpoint; relaunch the "
+                     "same command to resume the grid")
+    self.signal = signal
+
+
 @dataclasses.dataclass
 class Run:
   trick: str
@@ -57,11 +64,14 @@ def run_grid(base: ml_collections.ConfigDict, tricks: dict[str, str], seeds: Seq
       if os.path.exists(done):
         with open(done) as f:
           r = json.load(f)
-        runs.append(Run(name, seed, r["best"][main], r["elapsed_s"], r["steps"]))
-        continue
+        if not r.get("signal"):  # a run a signal stopped is not done: resumed below
+          runs.append(Run(name, seed, r["best"][main], r["elapsed_s"], r["steps"]))
+          continue
       log(f"== [{i + 1}/{len(tricks)}] {name} seed {seed} -> {wd}")
       t0 = time.perf_counter()
       s = finetune(trick_config(base, overrides, seed), wd, quiet=True)
+      if s.signal:  # preempted (checkpointed): the grid stops; relaunching resumes it
+        raise Preempted(s.signal, wd)
       runs.append(Run(name, seed, s.best[main], time.perf_counter() - t0, s.steps))
       log(f"   {main}={s.best[main]:.4f} ({runs[-1].seconds:.0f} s)")
   return runs
