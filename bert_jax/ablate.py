@@ -88,9 +88,7 @@ def pretrain_config(ablation: ml_collections.ConfigDict, name: str, out: str):
     if isinstance(value, str) and value.startswith("@"):
       overrides = overrides.replace(f"={value}", f"={cell_dir(out, value[1:])}/pretrain")
   apply_overrides(config, overrides)
-  known = set(objectives_lib.available())  # the others are reported unavailable
-  for n in [n for n, _ in objectives_lib.parse_spec(config.objectives) if n in known]:
-    objectives_lib.get(n).complete_config(config)  # e.g. a student's tokenizer: its teacher's
+  config = objectives_lib.complete_config(config)  # e.g. a student's tokenizer: its teacher's
   budget = Budget(ablation.budget.kind, float(ablation.budget.value))
   config.train.steps = budget.steps_for(config)
   config.train.eval_every = min(config.train.eval_every, config.train.steps)

@@ -505,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "distillation teacher or export it; pretraining cannot continue in that workdir. "
         f"To pretrain it further, start a new run from it: --config.init_from={workdir} "
         "--workdir=NEW.")
-  config = continued.apply_init_from(config)
+  config = objectives_lib.complete_config(continued.apply_init_from(config))
   result = run(config, workdir, pretraining, stop_after)
   tc = config.train
   done = max(tc.steps - result.start, 0)

@@ -8,6 +8,7 @@ valid (each objective's loss is what it gives alone on the same key) or refused,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -31,6 +32,17 @@ def register(cls: type[Objective]) -> type[Objective]:
 def unregister(name: str) -> None:
   """Removes an objective registered from outside this package (a notebook's, a test's)."""
   _REGISTRY.pop(name, None)
+
+
+def complete_config(config: Any) -> Any:
+  """A copy of `config` with what each of its objectives derives from elsewhere filled in
+  (`Objective.complete_config`: e.g. a distillation student's tokenizer, its teacher's).
+  Names not registered are left to the build's error."""
+  config = copy.deepcopy(config)
+  for n, _ in parse_spec(config.objectives):
+    if n in available():
+      get(n).complete_config(config)
+  return config
 
 
 def available() -> list[str]:

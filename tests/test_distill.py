@@ -347,3 +347,17 @@ def test_two_step_run_from_a_pretrained_teacher(bundled_tokenizer, tmp_path):
   assert not jax.tree.leaves(state["opt_state"]["inner_states"].get("frozen", {}))
   student = train.count_params(s_params) - train.count_params(s_params["distill"]["teacher"])
   assert sum(np.size(x) for _, x in opt if np.ndim(x) > 0) == 2 * student
+
+
+def test_launch_config_completes_the_students_tokenizer(tmp_path):
+  """`objectives.complete_config` (train_and_evaluate and the ablation run it): an empty
+  data.tokenizer of a student becomes its teacher's, on a copy."""
+  import objectives
+  from configs.pretrain import get_config
+  c = get_config("distilbert,tiny")
+  c.distill.teacher = str(tmp_path / "teacher")
+  done = objectives.complete_config(c)
+  assert done.data.tokenizer == str(tmp_path / "teacher" / "tokenizer.model")
+  assert c.data.tokenizer == ""  # the caller's config is unchanged
+  c.data.tokenizer = "/elsewhere/tok.model"  # a tokenizer given explicitly is kept
+  assert objectives.complete_config(c).data.tokenizer == "/elsewhere/tok.model"
