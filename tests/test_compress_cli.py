@@ -59,6 +59,13 @@ def test_heads_layers_reload_and_export(finetuned, tmp_path):
   again, _ = data.dev_scores(wd.float_apply(wd.task_model(ft.cfg, ft.config, data.n_out)),
                              ft.params)
   assert again["accuracy"] == pytest.approx(rec["compressed"]["dev"]["accuracy"])
+  # launch.predict reads the compressed workdir: its dev rows predict what it recorded
+  from bert_jax.finetune import predict
+  dev = [json.loads(line) for line in open(os.path.join(out, "predictions_dev.jsonl"))]
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in dev))
+  got = predict.predict_file(out, str(rows), str(tmp_path / "pred.jsonl")).rows
+  assert [g["label"] for g in got] == [d["predicted_name"] for d in dev]
   # export: transformers loads it and computes our pruned encoder's states
   from bert_jax import checkpoint, hf
   params, _ = checkpoint.restore_params(out)
