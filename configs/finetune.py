@@ -125,7 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
 # the bundled task are in docs/finetune_tricks.md.
 TRICKS = {
     "baseline": "",
-    "fgm": "adversarial.mode=fgm;adversarial.epsilon=1.0",
+    "fgm": "adversarial.mode=fgm;adversarial.epsilon=1.0",  # the Kaggle kits' BERT-base value
+    "fgm_eps0.1": "adversarial.mode=fgm;adversarial.epsilon=0.1",  # for small tables
     "pgd": "adversarial.mode=pgd;adversarial.epsilon=1.0;adversarial.steps=3;"
            "adversarial.alpha=0.3",
     "ema": "average.mode=ema;average.decay=0.99",
