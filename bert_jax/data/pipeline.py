@@ -77,19 +77,6 @@ def build_examples(
                 source_stats.description,
             )
         plan: examples_lib.Plan = examples_lib.plan_single(corpus, seq_len, packing, plan_seed)
-    elif example_kind.planner is not None:
-        if not source_stats.has_document_boundaries:
-            raise ValueError(
-                f"{example_kind.name.upper()} needs documents, but {source_stats.description} "
-                "has no document boundaries (text_format='plain').")
-        plan = examples_lib.plan_segments(
-            corpus,
-            seq_len,
-            example_kind,
-            short_seq_prob=float(data_cfg.get("short_seq_prob", 0.1)),
-            seed=plan_seed,
-            dupe_factor=int(data_cfg.get("dupe_factor", 1) or 1),
-        )
     else:
         if not source_stats.has_document_boundaries:
             raise ValueError(
@@ -97,7 +84,10 @@ def build_examples(
                 "no document boundaries (text_format='plain'). Use text_format='sentences' "
                 "or 'lines', or an objective on single segments."
             )
-        plan = examples_lib.plan_pairs(
+        # A kind's own planner (StructBERT's, ERNIE's segments) or the sentence pairs.
+        planner = examples_lib.plan_segments if example_kind.planner is not None else (
+            examples_lib.plan_pairs)
+        plan = planner(
             corpus,
             seq_len,
             example_kind,
