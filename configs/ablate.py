@@ -25,7 +25,10 @@ DEFAULT_CELLS = {
 # The variants of issue #22 (docs/objectives.md): MLM alone, then each added to MLM. The
 # sentence-level ones bring their own examples (segment pairs / reordered segments).
 VARIANTS = ("wso", "tdd", "cap", "tdr", "sso", "sdp", "sro")
+# MLM's own variants change its masking instead: [UNK] for [MASK], PMI collocations.
+MLM_OPTIONS = {"mlm_unk": "mlm.replace_with=unk", "mlm_pmi": "mlm.pmi=True"}
 VARIANT_CELLS = {"mlm": ("bert,tiny", "objectives=mlm:1.0"),
+                 **{k: ("bert,tiny", f"objectives=mlm:1.0;{o}") for k, o in MLM_OPTIONS.items()},
                  **{f"mlm_{v}": ("bert,tiny", f"objectives=mlm:1.0,{v}:1.0") for v in VARIANTS}}
 # Model FLOPs per cell (XLA's count of the compiled step, bert_jax/budget.py): about 400
 # steps of MLM alone on bert,tiny (batch 32 x 128); a cell with a second pass gets fewer

@@ -129,11 +129,17 @@ TRICKS = {
     "fgm_eps0.1": "adversarial.mode=fgm;adversarial.epsilon=0.1",  # for small tables
     "pgd": "adversarial.mode=pgd;adversarial.epsilon=1.0;adversarial.steps=3;"
            "adversarial.alpha=0.3",
+    "pgd_eps0.1": "adversarial.mode=pgd;adversarial.epsilon=0.1;adversarial.steps=3;"
+                  "adversarial.alpha=0.03",
     "ema": "average.mode=ema;average.decay=0.99",
     "swa": "average.mode=swa;average.start=90;average.every=10",  # the second half of 187
     "mixout": "mixout=0.1;model.hidden_dropout=0.0",
     "freeze_embeddings": "freeze.embeddings=True",
     "mean_pooling": "head.pooling=mean",
+    "cls_pooling": "head.pooling=cls",  # raw [CLS], no dense + tanh
+    "max_pooling": "head.pooling=max",
+    "attention_pooling": "head.pooling=attention",
+    "concat_last2": "head.pooling=concat;head.pool_layers=2",
     "weighted_layers": "head.pooling=weighted;head.pool_layers=2",
     "multi_sample_dropout": "head.multi_sample_dropout=5",
     "layer_decay": "optim.layer_decay=0.8",

@@ -117,8 +117,7 @@ class Composition:
 
   @property
   def example_kind(self) -> ExampleKind:
-    return merge_kinds(tuple((w.objective.name, w.objective.example_kind)
-                             for w in self.objectives))
+    return merge_kinds(_kinds(self.objectives))
 
   def view_index(self, objective: Objective) -> int | None:
     """Index into `views` of the objective's view; None for the clean input."""
@@ -154,9 +153,18 @@ class Composition:
     return {g: w.objective.name for w in self.objectives for g in w.objective.param_groups()}
 
 
+def _kinds(weighted) -> tuple[tuple[str, ExampleKind], ...]:
+  """(name, kind) of each objective, and of each view that reads host-side fields."""
+  kinds = [(w.objective.name, w.objective.example_kind) for w in weighted]
+  views = {w.objective.view(): w.objective.name for w in weighted}
+  kinds += [(f"{name} (view {v.name})", ExampleKind(v.name, features=v.features))
+            for v, name in views.items() if v is not CLEAN and v.features]
+  return tuple(kinds)
+
+
 def compose(weighted: tuple[WeightedObjective, ...]) -> Composition:
   """Checks that the objectives can run together and collects their distinct views."""
-  merge_kinds(tuple((w.objective.name, w.objective.example_kind) for w in weighted))
+  merge_kinds(_kinds(weighted))
   owner: dict[str, str] = {}
   for w in weighted:
     for group in w.objective.param_groups():

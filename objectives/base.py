@@ -161,6 +161,12 @@ class View(abc.ABC):
 
   name: ClassVar[str]
 
+  @property
+  def features(self) -> tuple[Feature, ...]:
+    """Host-side fields the view reads (PMI-masking's units); merged into the run's
+    example kind like an objective's."""
+    return ()
+
   @abc.abstractmethod
   def make(self, clean: Batch, key: jax.Array) -> Batch:
     """Pure, jittable: a dict with the encoder's "input_ids" (and the view's targets);

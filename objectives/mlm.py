@@ -1,4 +1,4 @@
-"""Masked language modelling (BERT, RoBERTa; ALBERT n-grams; SpanBERT spans).
+"""Masked language modelling (BERT, RoBERTa; ALBERT n-grams; SpanBERT spans; PMI-masking).
 
 Corruption is `objectives.masking` (80/10/10 by default), made as the `MaskedView`: every
 objective that reads the masked input (NSP, SOP and distillation too, as in BERT) declares
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 import objectives
 from bert_jax import heads
-from objectives.base import Objective, SpecialIds, View
+from objectives import pmi
+from objectives.base import Feature, Objective, SpecialIds, View
 from objectives.masking import MaskingConfig, mask_batch
 
 
@@ -88,15 +89,24 @@ class MLMConfig:
   static: bool = False  # BERT's offline masks: at most dupe_factor different masks per example
   dupe_factor: int = 10
   predict_all: bool = False  # vocabulary logits at every position, then gather (slower)
+  # PMI-masking (Levine et al. 2021, objectives/pmi.py): whole collocations as units, from
+  # the training corpus' word n-grams of length <= pmi_max_n seen > pmi_min_count times.
+  pmi: bool = False
+  pmi_max_n: int = 5
+  pmi_min_count: int = 10
+  pmi_vocab_size: int = 800_000
 
   def __post_init__(self):
     if self.dupe_factor < 1:
       raise ValueError(f"mlm.dupe_factor must be >= 1, got {self.dupe_factor}")
+    if self.pmi and self.span != "none":
+      raise ValueError(f"mlm.pmi=True with mlm.span={self.span!r}: PMI-masking draws whole "
+                       "collocations as its units; set mlm.span='none'")
 
   def masking(self) -> MaskingConfig:
     return MaskingConfig(
         rate=self.rate, max_predictions=self.max_predictions, mask_prob=self.mask_prob,
-        random_prob=self.random_prob, whole_word=self.whole_word, span=self.span,
+        random_prob=self.random_prob, whole_word=self.whole_word or self.pmi, span=self.span,
         max_ngram=self.max_ngram, span_p=self.span_p, max_span=self.max_span,
         truncate_spans=self.truncate_spans, replace_with=self.replace_with)
 
@@ -115,12 +125,18 @@ class MaskedView(View):
   static: bool = False
   dupe_factor: int = 10
   seed: int = 0
+  units: Feature | None = None  # a host-side field of masking units (PMI), else words
 
   @classmethod
   def from_config(cls, config, special) -> "MaskedView":
     """The view config.mlm describes (also what NSP, SOP and distillation read)."""
     c = MaskedLM.section(config)
-    return cls(c.masking(), special, c.static, c.dupe_factor, config.seed)
+    units = pmi.units_feature(c.pmi_max_n, c.pmi_min_count, c.pmi_vocab_size) if c.pmi else None
+    return cls(c.masking(), special, c.static, c.dupe_factor, config.seed, units)
+
+  @property
+  def features(self):
+    return (self.units,) if self.units is not None else ()
 
   def example_keys(self, batch, key):
     """One masking key per example."""
@@ -134,8 +150,9 @@ class MaskedView(View):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["example_id"])
 
   def make(self, clean, key):
+    units = clean[self.units.name] if self.units is not None else clean["word_ids"]
     return mask_batch(
-        self.example_keys(clean, key), clean["input_ids"], clean["word_ids"],
+        self.example_keys(clean, key), clean["input_ids"], units,
         clean["attention_mask"], self.masking,
         mask_id=self.special.unk if self.masking.replace_with == "unk" else self.special.mask,
         first_regular_id=self.special.first_regular, vocab_size=self.special.vocab_size)

@@ -101,6 +101,49 @@ def test_bundled_gives_the_in_memory_examples(tmp_path, tok_path, spec):
     assert_same_examples(all_examples(memory), all_examples(prepared))
 
 
+def per_example_batches(ds, seed, batch, process_index=0, process_count=1, count=5):
+    """The reference: grain's per-example chain (shuffle, repeat, epoch, host slice, batch)
+    that train_iterator's batched read replaces."""
+    import grain
+    n = len(ds)
+    # (The per-example chain hands a prepared dataset indices past n after the first
+    # epoch; example_id is the record's index, taken modulo n.)
+    stream = ds.shuffle(seed=seed).repeat().map_with_index(
+        lambda i, e: {**e, "epoch": np.asarray(i // n, np.int32),
+                      "example_id": np.asarray(e["example_id"] % n, np.int32)})
+    it = iter(stream[process_index::process_count].batch(batch, drop_remainder=True)
+              .to_iter_dataset(grain.ReadOptions(num_threads=1)))
+    return [next(it) for _ in range(count)]
+
+
+def test_batched_reads_give_the_per_example_batches(tmp_path, tok_path):
+    config = make_config(tok_path, "mlm:1.0,nsp:1.0")
+    tok = tokenizer_lib.load_tokenizer(tok_path)
+    kind = kind_of(config, tok)
+    prepare.prepare(config, tmp_path / "p", splits=("eval",), options=in_memory(),
+                    log=lambda s: None)
+    memory = pipeline.build_dataset(config.data, tok, "eval", seed=config.seed + 1,
+                                    example_kind=kind, workdir=tmp_path / "w")
+    config.data.prepared = str(tmp_path / "p")
+    prepared = pipeline.build_dataset(config.data, tok, "eval", seed=config.seed + 1,
+                                      example_kind=kind, workdir=tmp_path / "w")
+    assert hasattr(prepared, "read_batch") and not hasattr(memory, "read_batch")
+    n = len(prepared)
+    batch = 8
+    count = n // batch + 3  # past the end of the first epoch: the second is reshuffled
+    for ds in (prepared, memory):
+        for p, procs in ((0, 1), (1, 2)):
+            want = per_example_batches(ds, 7, batch, p, procs, count)
+            it = pipeline.train_iterator(ds, batch_size_per_host=batch, seed=7,
+                                         process_index=p, process_count=procs)
+            got = [next(it) for _ in range(count)]
+            for w, g in zip(want, got):
+                assert sorted(w) == sorted(g)
+                for k in w:
+                    np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+            assert got[-1]["epoch"].max() >= 1 and got[-1]["example_id"].max() < n
+
+
 @pytest.mark.parametrize("fmt", ["sentences", "lines"])
 def test_text_ranges_cover_the_file_once(tmp_path, kjv_docs, fmt):
     """Byte ranges of a file, read one by one, give what reading the whole file gives."""

@@ -397,7 +397,8 @@ def test_variants_grid_builds_and_every_cell_composes(tmp_path):
   grid = ablate_configs.get_config("variants")
   assert grid.budget.kind == "flops" and grid.finetune.seeds == "0,1,2,3,4"
   names = grid.order.split(",")
-  assert names[0] == "mlm" and set(names) == {"mlm"} | {f"mlm_{v}" for v in VARIANTS}
+  assert names[0] == "mlm" and set(names) == {"mlm", "mlm_unk", "mlm_pmi"} | {
+      f"mlm_{v}" for v in VARIANTS}
   for name in names:
     cell = grid.cells[name]
     from configs.pretrain import get_config

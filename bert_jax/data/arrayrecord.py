@@ -39,6 +39,7 @@ import pathlib
 import struct
 from typing import Any
 
+import grain
 import numpy as np
 
 FORMAT = "bert_jax.prepared/1"
@@ -116,6 +117,29 @@ class Decoder:
         if self.pairs:
             out["sentence_label"] = np.asarray(label, dtype=np.int32)
         out["example_id"] = np.asarray(index, dtype=np.int32)
+        return out
+
+    def batch(self, indices: np.ndarray, records: list[bytes]) -> dict[str, np.ndarray]:
+        """Many records at once: the same arrays as ``__call__`` for each, stacked."""
+        b, L = len(records), self.seq_len
+        head = np.frombuffer(b"".join(r[:_HEADER_BYTES] for r in records), "<i4").reshape(b, 3)
+        n, sep = head[:, 0], head[:, 1]
+        input_ids = np.full([b, L], self.pad_id, np.int32)
+        word_ids = np.full([b, L], -1, np.int32)
+        w = self._width
+        for i, (k, record) in enumerate(zip(n.tolist(), records)):
+            input_ids[i, :k] = np.frombuffer(record, self._ids_dtype, k, _HEADER_BYTES)
+            word_ids[i, :k] = np.frombuffer(record, "<i2", k, _HEADER_BYTES + w * k)
+        mask = self._prefix[n]
+        out = {
+            "input_ids": input_ids,
+            "segment_ids": mask - self._prefix[np.minimum(sep + 1, n)],
+            "attention_mask": mask,
+            "word_ids": word_ids,
+        }
+        if self.pairs:
+            out["sentence_label"] = head[:, 2].astype(np.int32)
+        out["example_id"] = np.asarray(indices, dtype=np.int32)
         return out
 
 
@@ -216,7 +240,6 @@ def build_dataset(data_cfg: Any, tokenizer: Any, split: str, *, example_kind: An
       ValueError: no manifest, a manifest that does not match the run
         (:func:`check_manifest`), a missing shard, or fewer examples than one batch.
     """
-    import grain
     from absl import logging
 
     directory = str(data_cfg.prepared)
@@ -241,10 +264,35 @@ def build_dataset(data_cfg: Any, tokenizer: Any, split: str, *, example_kind: An
     logging.info("[%s] prepared %s: %d shards, %s %s examples of length %d, %s tokens.",
                  split, directory, len(paths), f"{info['examples']:,}",
                  manifest["example_kind"]["name"], decoder.seq_len, f"{info['tokens']:,}")
-    return grain.MapDataset.source(source).map_with_index(decoder)
+    return PreparedDataset(source, decoder)
 
 
-__all__ = ["Decoder", "build_dataset", "check_manifest", "decode", "encode", "read_manifest",
+class PreparedDataset(grain.MapDataset):
+    """The decoded examples of a split's shards (random access), with ``read_batch`` for
+    the training iterator: one batched ArrayRecord read and one decode for a whole batch
+    instead of one per example."""
+
+    def __init__(self, source: Any, decoder: Decoder):
+        super().__init__()
+        self._source, self._decoder = source, decoder
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._decoder(index, self._source[index % len(self._source)])
+
+    def __str__(self) -> str:
+        return f"PreparedDataset({len(self._source)} records)"
+
+    def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        records = self._source.__getitems__([int(i) for i in indices])
+        return self._decoder.batch(indices, records)
+
+
+__all__ = ["Decoder", "PreparedDataset", "build_dataset", "check_manifest", "decode", "encode", "read_manifest",
            "shard_name", "shard_paths"]
 
 

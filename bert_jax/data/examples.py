@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
@@ -156,10 +156,17 @@ Plan = SinglePlan | PairPlan | SegmentsPlan
 @dataclasses.dataclass(frozen=True)
 class FeatureContext:
     """What an objective's host-side ``Feature.prepare`` reads: the corpus and the
-    tokenizer (``tokenizer.pieces()``: the vocabulary by id)."""
+    tokenizer (``tokenizer.pieces()``: the vocabulary by id); ``train_corpus`` loads the
+    training split's corpus, where corpus-wide statistics (PMI's n-gram counts) come from
+    for every split (None: ``corpus`` is the training split)."""
 
     corpus: TokenizedCorpus
     tokenizer: object
+    train_corpus: Callable[[], TokenizedCorpus] | None = None
+
+    def statistics_corpus(self) -> TokenizedCorpus:
+        """The corpus that statistics are counted on: the training split's."""
+        return self.train_corpus() if self.train_corpus is not None else self.corpus
 
 
 def _check_seq_len(seq_len: int, specials: int) -> None:
@@ -661,10 +668,11 @@ class Examples(Sequence):
     """
 
     def __init__(self, corpus: TokenizedCorpus, plan: Plan, tokenizer: SpecialIds, stats: dict[str, int | str] | None = None,
-                 features: Sequence[object] = ()):
+                 features: Sequence[object] = (),
+                 train_corpus: Callable[[], TokenizedCorpus] | None = None):
         self.corpus = corpus
         self.plan = plan
-        context = FeatureContext(corpus, tokenizer)
+        context = FeatureContext(corpus, tokenizer, train_corpus)
         self._features = tuple((f.name, f.prepare(context)) for f in features)
         self._specials = _Specials(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
         self._doc_token_offsets = corpus.doc_token_offsets

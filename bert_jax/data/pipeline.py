@@ -126,8 +126,13 @@ def build_examples(
             split, f"{source_stats.skipped_non_utf8:,}", source_stats.description)
     if example_kind.features:
         stats["features"] = ",".join(f.name for f in example_kind.features)
+    train_corpus = None
+    if example_kind.features and split != "train":  # statistics come from the train split
+        def train_corpus():
+            return corpus_lib.load_corpus(data_cfg, "train", tokenizer,
+                                          cache_dir_for(data_cfg, workdir))[0]
     result = examples_lib.Examples(corpus, plan, tokenizer, stats,
-                                   features=example_kind.features)
+                                   features=example_kind.features, train_corpus=train_corpus)
     for line in describe(result):
         logging.info("%s", line)
     return result
@@ -201,14 +206,34 @@ def _check_enough(num_examples: int, global_batch: int, what: str) -> None:
         )
 
 
-class _AddEpoch(grain.transforms.MapWithIndex):
-    """Adds the int32 ``epoch`` field: position in the repeated stream // epoch length."""
+class _WithEpoch(grain.transforms.MapWithIndex):
+    """(example index, epoch) for a position of the repeated stream: epoch = position //
+    epoch length."""
 
     def __init__(self, epoch_length: int):
         self._n = epoch_length
 
-    def map_with_index(self, index: int, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**element, "epoch": np.asarray(index // self._n, dtype=np.int32)}
+    def map_with_index(self, position: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.int64(index), np.int32(position // self._n)
+
+
+class _ReadBatch(grain.transforms.Map):
+    """A batch of (indices, epochs) -> the batch of examples, with their ``epoch`` field:
+    ``ds.read_batch(indices)`` where the dataset has it, else its examples stacked."""
+
+    def __init__(self, ds: grain.MapDataset):
+        self._ds = ds
+
+    def map(self, element: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        indices, epochs = element
+        read = getattr(self._ds, "read_batch", None)
+        if read is not None:
+            batch = read(indices)
+        else:
+            rows = [self._ds[int(i)] for i in indices]
+            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch["epoch"] = np.asarray(epochs, np.int32)
+        return batch
 
 
 def train_iterator(
@@ -249,9 +274,12 @@ def train_iterator(
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     n = len(ds)
     _check_enough(n, batch_size_per_host * process_count, "The training dataset")
-    stream = ds.shuffle(seed=seed % 2**32).repeat().map_with_index(_AddEpoch(n))
-    host = stream[process_index::process_count]
-    batched = host.batch(batch_size_per_host, drop_remainder=True)
+    # The shuffle, the epochs and the host's share are planned on indices; each batch is
+    # then read at once (`read_batch`: one batched read and decode for prepared shards),
+    # so the per-element work of grain is on integers only.
+    stream = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat()
+    host = stream.map_with_index(_WithEpoch(n))[process_index::process_count]
+    batched = host.batch(batch_size_per_host, drop_remainder=True).map(_ReadBatch(ds))
     threads = num_threads if num_threads > 0 else min(_DEFAULT_PREFETCH_THREADS, os.cpu_count() or 1)
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, 2 * threads))
     return iter(batched.to_iter_dataset(read_options))

@@ -100,8 +100,8 @@ def report(runs: Sequence[Run], tricks: dict[str, str], main: str) -> list[dict[
   return rows
 
 
-def markdown(rows: list[dict[str, Any]], main: str) -> str:
-  lines = [f"| trick | dev {main}: mean [95% CI] | vs baseline: difference [95% CI] | "
+def markdown(rows: list[dict[str, Any]], main: str, what: str = "trick") -> str:
+  lines = [f"| {what} | dev {main}: mean [95% CI] | vs baseline: difference [95% CI] | "
            "paired t p | verdict | s / run | overrides |", "|---|---|---|---|---|---:|---|"]
   for r in rows:
     p = r.get("paired")
