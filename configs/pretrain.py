@@ -142,7 +142,8 @@ def electra(c: ml_collections.ConfigDict) -> None:
 
 def distilbert(c: ml_collections.ConfigDict) -> None:
   """DistilBERT: a 6-layer student of the teacher's width, initialised from every second
-  teacher layer, trained on 5 * KL(T=2) + 2 * MLM + 1 * cosine; no token types.
+  teacher layer, trained on 5 * KL(T=2, every non-pad token) + 2 * MLM + 1 * cosine, with
+  frequency-smoothed masking (count^-0.7); no token types.
 
   The teacher is required: --config.distill.teacher=WORKDIR (match model.* widths and the
   tokenizer to it; e.g. a bert,base teacher for distilbert,base).
@@ -152,6 +153,8 @@ def distilbert(c: ml_collections.ConfigDict) -> None:
   c.model.num_layers = 6
   c.model.type_vocab_size = 0  # the teacher's type-0 vector is folded into the positions
   c.distill.mode = "distilbert"
+  c.distill.kl_positions = "all"  # restrict_ce_to_mask off
+  c.mlm.smoothing = 0.7  # mlm_smoothing: masked tokens drawn with weight count^-0.7
 
 
 # MobileBERT's body by size: base is the published MobileBERT (24 layers, 512 between the

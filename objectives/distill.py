@@ -12,7 +12,8 @@ export and continued MLM pretraining read it like any other run.
 
 Masking is `config.mlm`'s (the distill objective wraps MaskedLM). Loss, DistilBERT mode:
 
-  alpha_ce * T^2 * KL(softmax(t/T) || softmax(s/T))   over the masked positions
+  alpha_ce * T^2 * KL(softmax(t/T) || softmax(s/T))   over every non-pad token
+                                                        (kl_positions="masked": the masked)
   + alpha_mlm * MLM                                     (the student's masked-LM loss)
   + alpha_cos * (1 - cos(h_s, h_t))                     last hidden states, non-pad tokens
 
@@ -24,10 +25,9 @@ stage l with the layers below cut off from its gradient; all_at_once: every laye
 followed by pretraining distillation, the DistilBERT-mode loss; auxiliary: everything from
 the first step). The schedule reads the training step from batch["step"].
 
-Departures from DistilBERT's defaults (docs/objectives.md): the KL is taken at the masked
-positions only (DistilBERT's restrict_ce_to_mask is off: every non-pad token), and masking
-is config.mlm's uniform per-sequence choice (DistilBERT smooths it by token frequency,
-mlm_smoothing 0.7: p ~ count^-0.7).
+Departure from DistilBERT's defaults (docs/objectives.md): masking is config.mlm's uniform
+per-sequence choice (DistilBERT smooths it by token frequency, mlm_smoothing 0.7:
+p ~ count^-0.7).
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ import objectives
 from bert_jax import heads
 from bert_jax.encoder import DTYPES, Encoder, EncoderConfig
 from objectives.base import Objective, SpecialIds
-from objectives.mlm import MaskedLM, MLMHeadOnPositions, mask_padded_vocab, masked_lm_loss
+from objectives.mlm import (MaskedLM, MLMHeadOnPositions, gather_logits, mask_padded_vocab,
+                            masked_lm_loss)
 
 MODES = ("distilbert", "layerwise")
+KL_POSITIONS = ("all", "masked")
 SCHEDULES = ("progressive", "all_at_once", "auxiliary")
 TEACHER = ("distill", "teacher")  # where the teacher's parameters live
 
@@ -131,6 +133,7 @@ class Teacher(nn.Module):
   """The frozen teacher: Encoder + MLM head at the masked positions, no dropout."""
 
   cfg: EncoderConfig
+  all_positions: bool = False  # logits at every position [B, L, V], else at the masked
 
   @nn.compact
   def __call__(self, batch, *, layerwise: bool):
@@ -138,8 +141,9 @@ class Teacher(nn.Module):
     out = encoder(batch["input_ids"], batch.get("segment_ids"), batch["attention_mask"],
                   deterministic=True, output_hidden_states=layerwise,
                   output_attentions=layerwise)
-    out = dict(out, logits=MLMHeadOnPositions(self.cfg, name="mlm")(
-        out, batch, encoder, deterministic=True))
+    out = dict(out, logits=MLMHeadOnPositions(self.cfg, gather=not self.all_positions,
+                                              name="mlm")(out, batch, encoder,
+                                                          deterministic=True))
     return jax.lax.stop_gradient(out)
 
 
@@ -150,10 +154,12 @@ class DistillModule(nn.Module):
   student_cfg: EncoderConfig
   layerwise: bool
   project: bool  # a learned projection of the student's hidden states to the teacher's width
+  all_positions: bool = False  # the teacher's logits at every position (KL on all tokens)
 
   @nn.compact
   def __call__(self, batch, student):
-    teacher = Teacher(self.teacher_cfg, name="teacher")(batch, layerwise=self.layerwise)
+    teacher = Teacher(self.teacher_cfg, self.all_positions, name="teacher")(
+        batch, layerwise=self.layerwise)
     proj = lambda h: h  # noqa: E731
     if self.project:
       cfg = self.student_cfg
@@ -331,8 +337,14 @@ class DistillConfig:
   stage_steps: int = 1  # presets: max(1, train.steps // 20)
   init_student: bool = True
   student_layers: str = ""
+  # Where the soft-target KL is taken: "all" non-pad tokens (DistilBERT's default,
+  # restrict_ce_to_mask off) or the "masked" positions only (restrict_ce_to_mask on).
+  kl_positions: str = "all"
 
   def __post_init__(self):
+    if self.kl_positions not in KL_POSITIONS:
+      raise ValueError(f"distill.kl_positions: {self.kl_positions!r} is not one of "
+                       f"{KL_POSITIONS}")
     if self.mode not in MODES:
       raise ValueError(f"distill.mode: {self.mode!r} is not one of {MODES}")
     if self.schedule not in SCHEDULES:
@@ -363,6 +375,7 @@ class Distill(Objective):
   stage_steps: int = 1
   init_student: bool = True
   student_layers: tuple[int, ...] = ()
+  kl_positions: str = "all"
 
   @property
   def layerwise(self) -> bool:
@@ -432,7 +445,8 @@ class Distill(Objective):
         alpha_mlm=float(c.alpha_mlm), alpha_cos=float(c.alpha_cos),
         alpha_hidden=float(c.alpha_hidden), alpha_attention=float(c.alpha_attention),
         schedule=c.schedule, stage_steps=max(int(c.stage_steps), 1),
-        init_student=bool(c.init_student), student_layers=layers)
+        init_student=bool(c.init_student), student_layers=layers,
+        kl_positions=c.kl_positions)
 
   def frozen_paths(self):
     return (TEACHER,)
@@ -452,10 +466,12 @@ class Distill(Objective):
       student = encoded
       if obj.layerwise:
         student = student_pass(encoder, batch, deterministic=deterministic, cut=schedule[3])
-      logits = obj.mlm.head(encoder_config, name="mlm")(
+      every = obj.kl_positions == "all"
+      logits = MLMHeadOnPositions(encoder_config, predict_all=obj.mlm.predict_all,
+                                  gather=not every, name="mlm")(
           student, batch, encoder, deterministic=deterministic)
       out = DistillModule(obj.teacher_cfg, encoder_config, obj.layerwise, obj.project,
-                          name=name)(batch, student)
+                          every, name=name)(batch, student)
       out["student_logits"] = logits
       if schedule is not None:
         out["layer_weights"], out["pd_weight"], out["stage"], _ = schedule
@@ -467,10 +483,15 @@ class Distill(Objective):
     # Rows of a vocabulary padded past the tokenizer's are out of both softmaxes.
     vocab = self.mlm.special.vocab_size
     student_logits = mask_padded_vocab(outputs["student_logits"], vocab)
+    # KL at every non-pad token ([B, L, V] logits) or at the masked positions ([B, P, V]).
+    every = self.kl_positions == "all"
+    kl_weights = batch["attention_mask"] if every else batch["mlm_weights"]
+    kl_sum, kl_n = soft_kl(student_logits, mask_padded_vocab(outputs["teacher_logits"], vocab),
+                           kl_weights, self.temperature)
+    if every:
+      student_logits = gather_logits(student_logits, batch)
     mlm_loss, mlm_metrics = masked_lm_loss(student_logits, batch["mlm_ids"],
                                            batch["mlm_weights"])
-    kl_sum, kl_n = soft_kl(student_logits, mask_padded_vocab(outputs["teacher_logits"], vocab),
-                           batch["mlm_weights"], self.temperature)
     cos_sum, cos_n = cosine_loss(outputs["student_hidden"], outputs["teacher_hidden"],
                                  batch["attention_mask"])
     kl, cos = kl_sum / (kl_n + 1e-5), cos_sum / (cos_n + 1e-6)

@@ -56,6 +56,9 @@ class MaskingConfig:
   max_span: int = 10
   truncate_spans: bool = False  # ALBERT: truncate near a stretch's end, not renormalise
   replace_with: str = "mask"  # "mask": [MASK] | "unk": [UNK] (the masked branch's token)
+  # DistilBERT's mlm_smoothing: token i is drawn with weight count_i^-smoothing (0: uniform);
+  # the positions are a weighted draw without replacement (Gumbel top-k) of the budget.
+  smoothing: float = 0.0
 
   def __post_init__(self):
     def check(ok, field, msg):
@@ -82,6 +85,10 @@ class MaskingConfig:
     check(_is_int(self.max_span) and self.max_span >= 1,
           "max_span", "must be an integer >= 1")
     check(self.replace_with in REPLACEMENTS, "replace_with", f"must be one of {REPLACEMENTS}")
+    check(isinstance(self.smoothing, (int, float)) and self.smoothing >= 0, "smoothing",
+          "must be >= 0")
+    check(self.smoothing == 0 or (self.span == "none" and not self.whole_word), "smoothing",
+          "weights single tokens: it needs span='none' and whole_word=False")
 
 
 def _is_int(x) -> bool:
@@ -106,7 +113,18 @@ def _budget_table(length: int, cfg: MaskingConfig) -> np.ndarray:
        for n in range(length + 1)], dtype=np.int32)
 
 
-def select_positions(key, word_ids, attention_mask, cfg: MaskingConfig) -> jax.Array:
+def _smoothed_choice(key, cand, budget, token_counts, smoothing: float) -> jax.Array:
+  """`budget` candidates drawn without replacement with weights count^-smoothing:
+  the top `budget` of log w + Gumbel noise (DistilBERT's mlm_smoothing)."""
+  counts = jnp.maximum(jnp.asarray(token_counts).astype(jnp.float32), 1.0)
+  score = jnp.where(cand, -smoothing * jnp.log(counts) + jax.random.gumbel(key, cand.shape),
+                    -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-score))
+  return cand & (rank < budget)
+
+
+def select_positions(key, word_ids, attention_mask, cfg: MaskingConfig,
+                     token_counts=None) -> jax.Array:
   """Chooses the positions to predict in ONE sequence; returns bool [L].
 
   Args:
@@ -115,6 +133,7 @@ def select_positions(key, word_ids, attention_mask, cfg: MaskingConfig) -> jax.A
       that may never be chosen ([CLS], [SEP], [PAD]).
     attention_mask: int or bool [L], 1 for real tokens.
     cfg: the masking config.
+    token_counts: int [L], the corpus count of each token (needed with cfg.smoothing).
   """
   word_ids = jnp.asarray(word_ids).astype(jnp.int32)
   attention_mask = jnp.asarray(attention_mask)
@@ -137,6 +156,10 @@ def select_positions(key, word_ids, attention_mask, cfg: MaskingConfig) -> jax.A
   unit_idx = jnp.cumsum(unit_start) - 1  # global index of each token's unit
 
   budget = jnp.asarray(_budget_table(length, cfg))[jnp.sum(real)]
+  if cfg.smoothing > 0:
+    if token_counts is None:
+      raise ValueError("MaskingConfig.smoothing > 0 needs the tokens' corpus counts")
+    return _smoothed_choice(key, cand, budget, token_counts, cfg.smoothing)
 
   probs = jnp.asarray(_span_length_probs(cfg), jnp.float32)  # [K]
   span_len = jnp.arange(1, probs.shape[0] + 1)  # [K]
@@ -181,7 +204,8 @@ def _as_typed_keys(keys) -> jax.Array:
 
 
 def mask_batch(keys, input_ids, word_ids, attention_mask, cfg: MaskingConfig, *,
-               mask_id: int, first_regular_id: int, vocab_size: int) -> dict:
+               mask_id: int, first_regular_id: int, vocab_size: int,
+               token_counts=None) -> dict:
   """Chooses and corrupts the MLM positions of a batch, one key per example.
 
   Args:
@@ -193,6 +217,7 @@ def mask_batch(keys, input_ids, word_ids, attention_mask, cfg: MaskingConfig, *,
     mask_id: id of [MASK] (the caller passes [UNK]'s for ``replace_with="unk"``).
     first_regular_id: random replacements are drawn from [first_regular_id, vocab_size).
     vocab_size: size of the vocabulary.
+    token_counts: int [B, L], each token's corpus count (cfg.smoothing > 0).
 
   Returns:
     input_ids: int32 [B, L] corrupted ids.
@@ -220,9 +245,9 @@ def mask_batch(keys, input_ids, word_ids, attention_mask, cfg: MaskingConfig, *,
 
   num_predictions = cfg.max_predictions
 
-  def one(key, ids, words, attn):
+  def one(key, ids, words, attn, *count):  # count: the tokens' counts, with smoothing
     key_select, key_branch, key_random = jax.random.split(key, 3)
-    chosen = select_positions(key_select, words, attn, cfg)
+    chosen = select_positions(key_select, words, attn, cfg, *count)
     (positions,) = jnp.nonzero(chosen, size=num_predictions, fill_value=0)
     positions = positions.astype(jnp.int32)
     weights = jnp.arange(num_predictions) < jnp.sum(chosen)
@@ -243,4 +268,5 @@ def mask_batch(keys, input_ids, word_ids, attention_mask, cfg: MaskingConfig, *,
         "mlm_mask": mlm_mask,
     }
 
-  return jax.vmap(one)(keys, input_ids, word_ids, attention_mask)
+  extra = () if token_counts is None else (jnp.asarray(token_counts),)
+  return jax.vmap(one)(keys, input_ids, word_ids, attention_mask, *extra)

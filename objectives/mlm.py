@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import objectives
 from bert_jax import heads
@@ -42,20 +43,28 @@ def masked_lm_loss(logits_BxPxV, ids_BxP, weights_BxP, vocab_size: int | None = 
                 "accuracy": heads.metric(jnp.sum(correct * w), total)}
 
 
+def gather_logits(logits_BxLxV, batch):
+  """[B, L, V] -> [B, P, V] at batch["mlm_positions"]."""
+  return jnp.take_along_axis(logits_BxLxV, batch["mlm_positions"][..., None], axis=1)
+
+
 class MLMHeadOnPositions(nn.Module):
   """The MLM head applied at the gathered masked positions (or at every position)."""
 
   cfg: Any
   predict_all: bool = False
+  gather: bool = True  # False: the logits at every position, [B, L, V] (distillation's KL)
 
   @nn.compact
   def __call__(self, encoded, batch, encoder, *, deterministic: bool):
     del deterministic
     head = heads.MLMHead(self.cfg, name="head")
     hidden = encoded["hidden_states"]
-    if self.predict_all:  # the plain path: vocabulary logits everywhere, then gather
+    if self.predict_all or not self.gather:  # vocabulary logits everywhere (then gather)
       logits = head(hidden, encoder)
-      return jnp.take_along_axis(logits, batch["mlm_positions"][..., None], axis=1)
+      if not self.gather:
+        return logits
+      return gather_logits(logits, batch)
     return head(heads.gather_positions(hidden, batch["mlm_positions"]), encoder)
 
 
@@ -95,6 +104,9 @@ class MLMConfig:
   pmi_max_n: int = 5
   pmi_min_count: int = 10
   pmi_vocab_size: int = 800_000
+  # DistilBERT's mlm_smoothing (its preset: 0.7): positions drawn with weights count^-s by
+  # the token's count in the training split (0: uniform, BERT).
+  smoothing: float = 0.0
 
   def __post_init__(self):
     if self.dupe_factor < 1:
@@ -108,7 +120,23 @@ class MLMConfig:
         rate=self.rate, max_predictions=self.max_predictions, mask_prob=self.mask_prob,
         random_prob=self.random_prob, whole_word=self.whole_word or self.pmi, span=self.span,
         max_ngram=self.max_ngram, span_p=self.span_p, max_span=self.max_span,
-        truncate_spans=self.truncate_spans, replace_with=self.replace_with)
+        truncate_spans=self.truncate_spans, replace_with=self.replace_with,
+        smoothing=self.smoothing)
+
+
+def _prepare_counts(context):
+  """Feature "token_counts": each position's token count in the training split (0 for
+  [CLS], [SEP], padding and tokens it lacks), for DistilBERT's smoothed masking."""
+  counts = np.minimum(np.bincount(context.statistics_corpus().ids), np.iinfo(np.int32).max)
+
+  def make(example, offsets):
+    ids = np.asarray(example["input_ids"])
+    known = (offsets >= 0) & (ids < len(counts))
+    return np.where(known, counts[np.minimum(ids, len(counts) - 1)], 0)
+  return make
+
+
+TOKEN_COUNTS = Feature("token_counts", _prepare_counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,17 +154,19 @@ class MaskedView(View):
   dupe_factor: int = 10
   seed: int = 0
   units: Feature | None = None  # a host-side field of masking units (PMI), else words
+  counts: Feature | None = None  # the tokens' corpus counts (smoothing)
 
   @classmethod
   def from_config(cls, config, special) -> "MaskedView":
     """The view config.mlm describes (also what NSP, SOP and distillation read)."""
     c = MaskedLM.section(config)
     units = pmi.units_feature(c.pmi_max_n, c.pmi_min_count, c.pmi_vocab_size) if c.pmi else None
-    return cls(c.masking(), special, c.static, c.dupe_factor, config.seed, units)
+    counts = TOKEN_COUNTS if c.smoothing > 0 else None
+    return cls(c.masking(), special, c.static, c.dupe_factor, config.seed, units, counts)
 
   @property
   def features(self):
-    return (self.units,) if self.units is not None else ()
+    return tuple(f for f in (self.units, self.counts) if f is not None)
 
   def example_keys(self, batch, key):
     """One masking key per example."""
@@ -155,7 +185,8 @@ class MaskedView(View):
         self.example_keys(clean, key), clean["input_ids"], units,
         clean["attention_mask"], self.masking,
         mask_id=self.special.unk if self.masking.replace_with == "unk" else self.special.mask,
-        first_regular_id=self.special.first_regular, vocab_size=self.special.vocab_size)
+        first_regular_id=self.special.first_regular, vocab_size=self.special.vocab_size,
+        token_counts=clean[self.counts.name] if self.counts is not None else None)
 
 
 @objectives.register

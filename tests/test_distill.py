@@ -131,8 +131,10 @@ def equal(a, b) -> bool:
   return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 
-def test_init_from_teacher_and_distilbert_terms_match_torch(models):
+@pytest.mark.parametrize("kl_positions", ["all", "masked"])
+def test_init_from_teacher_and_distilbert_terms_match_torch(models, kl_positions):
   c = distill_config(models.teacher_wd, models.student_imported.config)  # layers 0, 2 of 4
+  c.distill.kl_positions = kl_positions  # DistilBERT's restrict_ce_to_mask off / on
   setup = train.build_setup(c, SPECIAL)
   obj = setup.objectives[0].objective
   assert not obj.project and obj.frozen_paths() == (("distill", "teacher"),)
@@ -159,12 +161,15 @@ def test_init_from_teacher_and_distilbert_terms_match_torch(models):
   t, s = torch_forward(models.teacher, batch), torch_forward(models.student, batch)
   T = 2.0
   s_logits, t_logits = at_masked(s.logits, batch), at_masked(t.logits, batch)
-  assert s_logits.shape[0] == float(m["distill/kl_loss"][1]) > 0
-  kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.softmax(t_logits / T, -1),
+  keep = torch.tensor(np.asarray(flat_inputs(batch)["attention_mask"]) > 0)
+  s_kl, t_kl = (s.logits[keep], t.logits[keep]) if kl_positions == "all" else (s_logits, t_logits)
+  assert s_kl.shape[0] == float(m["distill/kl_loss"][1]) > 0
+  if kl_positions == "all":
+    assert s_kl.shape[0] > 2 * s_logits.shape[0]
+  kl = F.kl_div(F.log_softmax(s_kl / T, -1), F.softmax(t_kl / T, -1),
                 reduction="batchmean") * T ** 2
   ids = torch.tensor(np.asarray(flat_inputs(batch)["mlm_ids"])[np.asarray(flat_inputs(batch)["mlm_weights"]) > 0])
   ce = F.cross_entropy(s_logits, ids.long())
-  keep = torch.tensor(np.asarray(flat_inputs(batch)["attention_mask"]) > 0)
   s_h, t_h = s.hidden_states[-1][keep], t.hidden_states[-1][keep]
   cos = F.cosine_embedding_loss(s_h, t_h, torch.ones(s_h.shape[0]))
   np.testing.assert_allclose(mean(m, "distill/kl_loss"), kl.item(), rtol=1e-4, atol=1e-6)
@@ -361,3 +366,43 @@ def test_launch_config_completes_the_students_tokenizer(tmp_path):
   assert c.data.tokenizer == ""  # the caller's config is unchanged
   c.data.tokenizer = "/elsewhere/tok.model"  # a tokenizer given explicitly is kept
   assert objectives.complete_config(c).data.tokenizer == "/elsewhere/tok.model"
+
+
+def test_smoothed_masking_draws_rare_tokens_by_count_to_the_minus_0_7():
+  """DistilBERT's mlm_smoothing: with a budget of one position, position i is drawn with
+  probability w_i / sum(w), w = count^-0.7 (a weighted draw without replacement)."""
+  from objectives.masking import MaskingConfig, select_positions
+  counts = np.array([0, 1, 10, 100, 1000, 5, 0, 0])  # [CLS], 5 tokens, [SEP], [PAD]
+  words = np.array([-1, 0, 1, 2, 3, 4, -1, -1])
+  attn = np.array([1, 1, 1, 1, 1, 1, 1, 0])
+  cfg = MaskingConfig(rate=0.01, smoothing=0.7)  # budget max(1, round(7 * 0.01)) = 1
+  pick = jax.jit(jax.vmap(lambda k: select_positions(k, words, attn, cfg, counts)))
+  chosen = np.asarray(pick(jax.random.split(jax.random.PRNGKey(0), 20000)))
+  assert (chosen.sum(1) == 1).all() and not chosen[:, [0, 6, 7]].any()
+  w = np.maximum(counts[1:6], 1) ** -0.7
+  np.testing.assert_allclose(chosen[:, 1:6].mean(0), w / w.sum(), atol=0.012)
+  # The full budget (uniform without smoothing) and the tokens' counts from the corpus.
+  full = MaskingConfig(rate=0.4, smoothing=0.7)
+  many = np.asarray(jax.vmap(lambda k: select_positions(k, words, attn, full, counts))(
+      jax.random.split(jax.random.PRNGKey(1), 2000)))
+  assert (many.sum(1) == round(7 * 0.4)).all()
+  assert many[:, 1].mean() > many[:, 4].mean() * 3  # count 1 far likelier than 1000
+  with pytest.raises(ValueError, match="smoothing"):
+    MaskingConfig(smoothing=0.7, whole_word=True)
+  from bert_jax.data import corpus as corpus_lib, examples as examples_lib
+  from objectives import mlm
+  corp = corpus_lib.TokenizedCorpus(np.array([7, 7, 7, 9, 5], np.int32), np.ones(5, bool),
+                                    np.array([0, 5]), np.array([0, 1]))
+  make = mlm.TOKEN_COUNTS.prepare(examples_lib.FeatureContext(corp, None))
+  ex = {"input_ids": np.array([2, 7, 9, 11, 3, 0])}
+  np.testing.assert_array_equal(make(ex, np.array([-1, 0, 3, 4, -1, -1])), [0, 3, 1, 0, 0, 0])
+
+
+def test_distilbert_preset_masks_with_smoothing_and_takes_the_kl_everywhere(models):
+  from configs.pretrain import get_config
+  c = get_config("distilbert,tiny")
+  assert c.mlm.smoothing == 0.7 and c.distill.kl_positions == "all"
+  c = distill_config(models.teacher_wd, models.student_imported.config)
+  c.mlm.smoothing = 0.7
+  setup = train.build_setup(c, SPECIAL)
+  assert [f.name for f in setup.objectives.example_kind.features] == ["token_counts"]

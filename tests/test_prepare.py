@@ -242,6 +242,18 @@ def test_manifest_mismatch_refused(tmp_path, tok_path, kjv_docs):
     assert tokenizer_lib.ensure_tokenizer(cfg.data, tmp_path / "w2").fingerprint == tok.fingerprint
 
 
+@pytest.mark.parametrize("spec,mlm,what", [("mlm:1.0", {"pmi": True}, "pmi_units"),
+                                            ("mlm:1.0,tdr:1.0", {}, "tdr_labels"),
+                                            ("mlm:1.0,sso:1.0", {}, "planner")])
+def test_kinds_the_records_cannot_hold_are_refused(tmp_path, tok_path, spec, mlm, what):
+    config = make_config(tok_path, spec)
+    config.mlm.update(mlm)
+    with pytest.raises(ValueError, match=what):
+        prepare.prepare(config, tmp_path / "p", splits=("eval",), options=in_memory(),
+                        log=lambda s: None)
+    assert not list((tmp_path / "p").glob("*.arrayrecord"))
+
+
 def test_tfds_source_mock_data(tmp_path, tok_path):
     import tensorflow_datasets as tfds
 

@@ -429,6 +429,14 @@ def prepare(config: Any, out: str | os.PathLike[str], *, splits: tuple[str, ...]
     tok = tokenizer_lib.ensure_tokenizer(data, out_dir)
     tok_file = tokenizer_lib.workdir_tokenizer(out_dir)
     ek = objectives.build(config, train.special_ids(tok)).example_kind
+    if ek.planner is not None or ek.features:
+        # The record layout holds ids, words and one label: not a planner's segments or
+        # an objective's host-side fields (they would be silently missing in training).
+        what = [f"the {ek.name!r} planner"] if ek.planner is not None else []
+        what += [f"the field {f.name!r}" for f in ek.features]
+        raise ValueError(f"objectives {config.objectives!r} need {', '.join(what)}, which "
+                         "prepared shards do not hold yet; train them from the in-memory "
+                         "sources (data.source=bundled, text or tfds, no data.prepared)")
     kind = Kind(ek.name, ek.segments, ek.negative)
     if kind.segments == 2 and data.get("source") == "text" and sources._text_format(data) == "plain":
         raise ValueError(f"{kind.name.upper()} needs documents, but text_format='plain' has no "
