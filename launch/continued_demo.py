@@ -79,12 +79,7 @@ def main(argv):
   from bert_jax.compile_cache import use_compilation_cache
   from bert_jax.finetune import compare, grid
 
-  try:
-    seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
-  except ValueError:
-    errors.fail(f"--seeds={FLAGS.seeds!r}: comma-separated integers expected")
-  if not seeds:
-    errors.fail("--seeds: at least one seed")
+  seeds = errors.seeds(FLAGS.seeds)
   if FLAGS.steps < 1:
     errors.fail(f"--steps={FLAGS.steps}: at least 1")
   init = os.path.abspath(FLAGS.init)

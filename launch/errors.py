@@ -49,6 +49,17 @@ def fail(message: str, code: int = USAGE, *, from_exception: bool = False) -> No
   sys.exit(code)
 
 
+def seeds(text: str, flag: str = "--seeds") -> list[int]:
+  """A flag of comma-separated integers (seeds), or a usage error naming it."""
+  try:
+    out = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    fail(f"{flag}={text!r}: comma-separated integers expected")
+  if not out:
+    fail(f"{flag}: at least one seed")
+  return out
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
   from bert_jax import workdir_lock
   return (ValueError, FileNotFoundError, MemoryError, app.UsageError,

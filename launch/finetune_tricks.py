@@ -48,12 +48,7 @@ def main(argv):
   unknown = sorted(set(names) - set(TRICKS))
   if unknown:
     errors.fail(f"--tricks: unknown {unknown}; available: {', '.join(TRICKS)}")
-  try:
-    seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
-  except ValueError:
-    errors.fail(f"--seeds={FLAGS.seeds!r}: comma-separated integers expected")
-  if not seeds:
-    errors.fail("--seeds: at least one seed")
+  seeds = errors.seeds(FLAGS.seeds)
   tricks = {grid.BASELINE: TRICKS[grid.BASELINE]}
   tricks.update({n: TRICKS[n] for n in names})
   base = compare.demo_config(os.path.abspath(FLAGS.init))

@@ -94,3 +94,24 @@ def test_two_stage_finetuning_starts_from_the_first_stage_best(reference_run, tm
   summary = loop.finetune(ft_config(os.path.join(first, "best")), str(tmp_path / "stage2"),
                           quiet=True)
   assert summary.steps == 1 and "stage1" in summary.init
+
+
+def test_task_adaptive_corpus_holds_the_training_texts_only(tmp_path):
+  """launch.continued_demo's TAPT corpus: every training verse once (1 in 20 held out for
+  the MLM eval), one per document, and no dev verse."""
+  import gzip
+  import json
+  from bert_jax.data import bundled
+  from launch import continued_demo
+
+  def texts(split):
+    with gzip.open(bundled.task_path(split), "rt", encoding="utf-8") as f:
+      return [" ".join(json.loads(line)["text"].split()) for line in f if line.strip()]
+  train_path, eval_path = continued_demo.write_task_corpus(str(tmp_path))
+  docs = {p: [d for d in open(p, encoding="utf-8").read().split("\n\n") if d.strip()]
+          for p in (train_path, eval_path)}
+  assert all("\n" not in d.strip() for ds in docs.values() for d in ds)  # one verse each
+  got = [d.strip() for ds in docs.values() for d in ds]
+  assert sorted(got) == sorted(texts("train"))
+  assert len(docs[eval_path]) == len(texts("train")) // continued_demo.HELD_OUT_EVERY
+  assert not set(got) & (set(texts("dev")) - set(texts("train")))
