@@ -105,8 +105,10 @@ def masking_vocabulary(corpus, max_n: int, min_count: int,
   words, sentence, _ = corpus_words(corpus)
   counts: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # n: (keys, counts, total)
   starts: dict[int, np.ndarray] = {}
+  keys_at: dict[int, np.ndarray] = {}  # n: the key of the n-gram starting at each word
   for n in range(1, max_n + 1):
     keys, valid = ngram_keys(words, sentence, n)
+    keys_at[n] = keys
     u, first, c = np.unique(keys[valid], return_index=True, return_counts=True)
     counts[n] = (u, c, float(valid.sum()))
     starts[n] = np.flatnonzero(valid)[first]
@@ -122,7 +124,7 @@ def masking_vocabulary(corpus, max_n: int, min_count: int,
     u, c, _ = counts[n]
     keep = c > min_count
     at = starts[n][keep]
-    pieces = {(a, b): log_p(b - a, ngram_keys(words, sentence, b - a)[0][at + a])
+    pieces = {(a, b): log_p(b - a, keys_at[b - a][at + a])
               for a, b in itertools.combinations(range(n + 1), 2)}
     score = pmi_n(pieces, n)
     quota = int(vocab_size * SHARES[n])
