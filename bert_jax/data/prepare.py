@@ -436,7 +436,9 @@ def prepare(config: Any, out: str | os.PathLike[str], *, splits: tuple[str, ...]
         what += [f"the field {f.name!r}" for f in ek.features]
         raise ValueError(f"objectives {config.objectives!r} need {', '.join(what)}, which "
                          "prepared shards do not hold yet; train them from the in-memory "
-                         "sources (data.source=bundled, text or tfds, no data.prepared)")
+                         "sources (data.source=bundled, text or tfds, no data.prepared), or "
+                         "turn off the option that asks for them (e.g. mlm.pmi=False, "
+                         "mlm.smoothing=0 for the distilbert preset)")
     kind = Kind(ek.name, ek.segments, ek.negative)
     if kind.segments == 2 and data.get("source") == "text" and sources._text_format(data) == "plain":
         raise ValueError(f"{kind.name.upper()} needs documents, but text_format='plain' has no "
