@@ -25,9 +25,9 @@ stage l with the layers below cut off from its gradient; all_at_once: every laye
 followed by pretraining distillation, the DistilBERT-mode loss; auxiliary: everything from
 the first step). The schedule reads the training step from batch["step"].
 
-Departure from DistilBERT's defaults (docs/objectives.md): masking is config.mlm's uniform
-per-sequence choice (DistilBERT smooths it by token frequency, mlm_smoothing 0.7:
-p ~ count^-0.7).
+Masking with DistilBERT's frequency smoothing (mlm_smoothing 0.7: p ~ count^-0.7) is
+`config.mlm.smoothing`, which the distilbert preset sets; departure (docs/objectives.md):
+each sequence draws its own budget, DistilBERT draws over the whole batch.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def transfer_schedule(step, num_layers: int, schedule: str, stage_steps: int):
 
 
 class Teacher(nn.Module):
-  """The frozen teacher: Encoder + MLM head at the masked positions, no dropout."""
+  """The frozen teacher: Encoder + MLM head (at the masked positions, or at every one),
+  no dropout."""
 
   cfg: EncoderConfig
   all_positions: bool = False  # logits at every position [B, L, V], else at the masked

@@ -87,8 +87,6 @@ class Decoder:
         L = self.seq_len
         self._ids_dtype = np.dtype(self.id_dtype).newbyteorder("<")
         self._width = self._ids_dtype.itemsize
-        self._pad = np.full([L], self.pad_id, np.int32)
-        self._none = np.full([L], -1, np.int32)
         # _prefix[k] = 1 on positions < k: attention masks and (differences) segment ids.
         self._prefix = (np.arange(L)[None, :] < np.arange(L + 2)[:, None]).astype(np.int32)
         self._prefix.flags.writeable = False  # Masks are views of it: never written.
@@ -101,23 +99,8 @@ class Decoder:
         self._setup()
 
     def __call__(self, index: int, record: bytes) -> dict[str, np.ndarray]:
-        """grain's ``map_with_index`` order: (global index, record)."""
-        n, sep, label = struct.unpack_from("<iii", record)
-        input_ids = self._pad.copy()
-        input_ids[:n] = np.frombuffer(record, self._ids_dtype, n, _HEADER_BYTES)
-        word_ids = self._none.copy()
-        word_ids[:n] = np.frombuffer(record, "<i2", n, _HEADER_BYTES + self._width * n)
-        mask = self._prefix[n]
-        out = {
-            "input_ids": input_ids,
-            "segment_ids": mask - self._prefix[min(sep + 1, n)],
-            "attention_mask": mask,
-            "word_ids": word_ids,
-        }
-        if self.pairs:
-            out["sentence_label"] = np.asarray(label, dtype=np.int32)
-        out["example_id"] = np.asarray(index, dtype=np.int32)
-        return out
+        """grain's ``map_with_index`` order: (global index, record); a batch of one."""
+        return {k: v[0, ...] for k, v in self.batch(np.asarray([index]), [record]).items()}
 
     def batch(self, indices: np.ndarray, records: list[bytes]) -> dict[str, np.ndarray]:
         """Many records at once: the same arrays as ``__call__`` for each, stacked."""

@@ -223,15 +223,15 @@ class _ReadBatch(grain.transforms.Map):
 
     def __init__(self, ds: grain.MapDataset):
         self._ds = ds
+        self._read = getattr(ds, "read_batch", None) or self._stack
+
+    def _stack(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [self._ds[int(i)] for i in indices]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def map(self, element: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
         indices, epochs = element
-        read = getattr(self._ds, "read_batch", None)
-        if read is not None:
-            batch = read(indices)
-        else:
-            rows = [self._ds[int(i)] for i in indices]
-            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch = self._read(indices)
         batch["epoch"] = np.asarray(epochs, np.int32)
         return batch
 
