@@ -598,6 +598,27 @@ def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) ->
       async_checkpoint=tc.async_checkpoint, eval_at_start=True, tokenizer=tokenizer)
 
 
+def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest",
+                        eval_batches: int | None = None,
+                        dupe_factor: int | None = None) -> tuple[int, dict[str, float]]:
+  """(step, held-out scores) of a pretraining workdir's checkpoint, as its run evaluates,
+  over `eval_batches` batches (default: the run's). `dupe_factor` draws the held-out
+  examples that many times from the held-out text (sentence-level objectives: a small
+  split gives few pairs, so its accuracy is noisy). With the run's settings, the scores
+  are the run's own evaluation at that step."""
+  if os.path.isfile(os.path.join(workdir, continued.ENCODER_CONFIG_FILE)):
+    raise ValueError(f"{workdir!r} is a fine-tuning workdir; `launch.predict` scores those")
+  config = run_config.load(workdir)
+  if eval_batches is not None:
+    config.train.eval_batches = int(eval_batches)
+  if dupe_factor is not None:
+    config.data.dupe_factor = int(dupe_factor)
+  mesh, rules = mesh_and_rules(config)
+  kind = pretraining(objectives_lib.complete_config(config), workdir, mesh, rules)
+  params, restored = checkpoint_lib.restore_params(workdir, step, which)
+  return restored, kind.evaluate(jax.tree.map(np.asarray, params))
+
+
 def _on_sigterm(flag: dict):
   """SIGTERM (preemption) sets a flag; the loop checkpoints after the current step."""
   def handler(signum, frame):

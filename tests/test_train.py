@@ -229,3 +229,27 @@ def test_pair_run_over_few_pairs_warns_at_start(tmp_path, bundled_tokenizer, cap
     train.train_and_evaluate(c, str(tmp_path / "w"))
   notes = [r.getMessage() for r in caplog.records if "dupe_factor" in r.getMessage()]
   assert len(notes) == 1 and notes[0].startswith("NSP pairs are drawn once")
+
+
+def test_evaluate_checkpoint_repeats_the_runs_evaluation(reference_run, tmp_path):
+  """launch.evaluate: with the run's settings, the run's own held-out scores at that step;
+  more batches and draws change them; a fine-tuning workdir is sent to predict."""
+  _, workdir = reference_run
+  rows = [r for r in metrics_lib.read_metrics(workdir) if r["split"] == "eval"]
+  last = max(rows, key=lambda r: r["step"])
+  step, scores = train.evaluate_checkpoint(workdir)
+  assert step == last["step"] == 6
+  for k, v in scores.items():
+    np.testing.assert_allclose(v, last[k], rtol=1e-5, err_msg=k)
+  _, more = train.evaluate_checkpoint(workdir, step=4, eval_batches=4, dupe_factor=2)
+  assert set(more) == set(scores) and more["mlm/loss"] != scores["mlm/loss"]
+  (tmp_path / "ft").mkdir()
+  (tmp_path / "ft" / "encoder_config.json").write_text("{}")
+  with pytest.raises(ValueError, match="fine-tuning workdir"):
+    train.evaluate_checkpoint(str(tmp_path / "ft"))
+  out = subprocess.run([sys.executable, "-m", "launch.evaluate", "--workdir", workdir],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  printed = dict(line.split() for line in out.stdout.splitlines()[1:])
+  assert float(printed["mlm/accuracy"]) == pytest.approx(scores["mlm/accuracy"], abs=1e-4)
