@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,7 +44,6 @@ def run_steps(mesh_shape, mode="fsdp", steps=3, grad_accum=1):
   rules = sharding.logical_rules(c.sharding)
   state, shardings = train.init_state(setup, 0, train.dummy_batch(16, 64, "single"), mesh, rules)
   bs = sharding.batch_sharding(mesh, rules)
-  import flax.linen as nn
   with sharding.activate(mesh, rules):
     step = jax.jit(functools.partial(train.train_step, setup=setup),
                    in_shardings=(shardings, bs), out_shardings=(shardings, None),
