@@ -72,6 +72,26 @@ def corpus_words(corpus) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return word_ids.astype(np.int64), sentence, first
 
 
+@dataclasses.dataclass
+class Words:
+  """A corpus cut into words once (`corpus_words`), with its n-gram keys by n as asked:
+  the vocabulary and the units of the training split share one parse."""
+
+  words: np.ndarray
+  sentence: np.ndarray
+  first: np.ndarray
+  _keys: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def of(cls, corpus) -> "Words":
+    return cls(*corpus_words(corpus))
+
+  def ngrams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if n not in self._keys:
+      self._keys[n] = ngram_keys(self.words, self.sentence, n)
+    return self._keys[n]
+
+
 def ngram_keys(words: np.ndarray, sentence: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
   """(key, valid) for the n-gram starting at each word: valid where it stays inside one
   sentence."""
@@ -99,15 +119,16 @@ def pmi_n(log_p: dict[tuple[int, int], np.ndarray], n: int) -> np.ndarray:
   return log_p[(0, n)] - best[(0, n)]
 
 
-def masking_vocabulary(corpus, max_n: int, min_count: int,
-                       vocab_size: int) -> dict[int, np.ndarray]:
-  """{n: sorted keys of the length-n n-grams in the masking vocabulary}."""
-  words, sentence, _ = corpus_words(corpus)
+def masking_vocabulary(corpus, max_n: int, min_count: int, vocab_size: int,
+                       words: Words | None = None) -> dict[int, np.ndarray]:
+  """{n: sorted keys of the length-n n-grams in the masking vocabulary}; `words`: the
+  corpus already parsed."""
+  words = words or Words.of(corpus)
   counts: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # n: (keys, counts, total)
   starts: dict[int, np.ndarray] = {}
   keys_at: dict[int, np.ndarray] = {}  # n: the key of the n-gram starting at each word
   for n in range(1, max_n + 1):
-    keys, valid = ngram_keys(words, sentence, n)
+    keys, valid = words.ngrams(n)
     keys_at[n] = keys
     u, first, c = np.unique(keys[valid], return_index=True, return_counts=True)
     counts[n] = (u, c, float(valid.sum()))
@@ -148,15 +169,17 @@ def vocabulary_ngrams(corpus, vocab: dict[int, np.ndarray]) -> dict[int, set[tup
   return out
 
 
-def unit_starts(corpus, vocab: dict[int, np.ndarray]) -> tuple[np.ndarray, float]:
+def unit_starts(corpus, vocab: dict[int, np.ndarray],
+                words: Words | None = None) -> tuple[np.ndarray, float]:
   """(bool [T]: where a masking unit starts (a vocabulary n-gram, longest first, else a
   word), cutting each sentence left to right; the fraction of words inside a
-  collocation)."""
-  words, sentence, first = corpus_words(corpus)
-  m = len(words)
+  collocation). `words`: the corpus already parsed."""
+  words = words or Words.of(corpus)
+  first = words.first
+  m = len(words.words)
   match = np.zeros(m, np.int64)  # the longest vocabulary n-gram starting at each word
   for n in sorted(vocab):
-    keys, valid = ngram_keys(words, sentence, n)
+    keys, valid = words.ngrams(n)
     hit = valid & np.isin(keys, vocab[n])
     match[hit] = n
   word_starts = np.ones(m, bool)
@@ -182,9 +205,12 @@ class PrepareUnits:
   vocab_size: int
 
   def __call__(self, context):
-    vocab = masking_vocabulary(context.statistics_corpus(), self.max_n, self.min_count,
-                               self.vocab_size)
-    starts, covered = unit_starts(context.corpus, vocab)
+    stats = context.statistics_corpus()
+    words = Words.of(stats)
+    vocab = masking_vocabulary(stats, self.max_n, self.min_count, self.vocab_size, words)
+    # The training split is parsed once for both; another split has words of its own.
+    starts, covered = unit_starts(context.corpus, vocab,
+                                  words if context.corpus is stats else None)
     units = (np.cumsum(starts) - 1).astype(np.int32)
     logging.info("pmi: %s n-grams in the masking vocabulary (%s); %.1f%% of the words "
                  "are in one", f"{sum(len(v) for v in vocab.values()):,}",

@@ -114,6 +114,11 @@ def test_units_are_cut_left_to_right_longest_first_inside_sentences():
   # [5 6 7] [6 7] [5] | [6 7] [5 6] [11]
   np.testing.assert_array_equal(starts, [1, 0, 0, 1, 0, 1, 1, 0, 1, 0, 1])
   assert covered == pytest.approx(9 / 11)
+  # The shared parse (PrepareUnits on the training split: vocabulary and units from one
+  # parse) cuts the same units, and keeps the n-gram keys it computed.
+  parsed = pmi.Words.of(corp)
+  np.testing.assert_array_equal(pmi.unit_starts(corp, vocab, parsed)[0], starts)
+  assert sorted(parsed._keys) == [2, 3]
 
 
 def pmi_batch():
