@@ -600,12 +600,15 @@ def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) ->
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest",
                         eval_batches: int | None = None,
-                        dupe_factor: int | None = None) -> tuple[int, dict[str, float]]:
-  """(step, held-out scores) of a pretraining workdir's checkpoint, as its run evaluates,
-  over `eval_batches` batches (default: the run's). `dupe_factor` draws the held-out
-  examples that many times from the held-out text (sentence-level objectives: a small
-  split gives few pairs, so its accuracy is noisy). With the run's settings, the scores
-  are the run's own evaluation at that step."""
+                        dupe_factor: int | None = None
+                        ) -> tuple[int, dict[str, float], list[str]]:
+  """(step, held-out scores, lines describing the held-out examples) of a pretraining
+  workdir's checkpoint, as its run evaluates, over `eval_batches` batches (default: the
+  run's). `dupe_factor` draws the held-out examples that many times from the held-out
+  text (sentence-level objectives: a small split gives few pairs, so its accuracy is
+  noisy; the description's label_fractions give their chance level). With the run's
+  settings, the scores are the run's own evaluation at that step."""
+  from bert_jax.data import pipeline
   if os.path.isfile(os.path.join(workdir, continued.ENCODER_CONFIG_FILE)):
     raise ValueError(f"{workdir!r} is a fine-tuning workdir; `launch.predict` scores those")
   config = run_config.load(workdir)
@@ -616,7 +619,11 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
   mesh, rules = mesh_and_rules(config)
   kind = pretraining(objectives_lib.complete_config(config), workdir, mesh, rules)
   params, restored = checkpoint_lib.restore_params(workdir, step, which)
-  return restored, kind.evaluate(jax.tree.map(np.asarray, params))
+  held_out = pipeline.build_examples(  # planned again (cheap next to the evaluation)
+      config.data, kind.tokenizer, "eval", seed=config.seed + 1,
+      example_kind=objectives_lib.example_kind(kind.setup.objectives), workdir=workdir)
+  return (restored, kind.evaluate(jax.tree.map(np.asarray, params)),
+          pipeline.describe(held_out))
 
 
 def _on_sigterm(flag: dict):

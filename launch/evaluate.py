@@ -3,8 +3,10 @@ r"""Evaluate a pretraining workdir's checkpoint on more held-out batches than it
   python -m launch.evaluate --workdir runs/short/mlm_sdp [--batches 99] [--dupe_factor 8] \
       [--step N | --which best]
 
-Prints the held-out metrics of every objective of the run, computed as the run computes
-them (same masks, same order of batches). `--dupe_factor K` draws the held-out examples
+Prints the held-out examples' description (their count; label_fractions for
+sentence-level objectives, whose largest is the chance level) and the held-out metrics of
+every objective of the run, computed as the run computes them (same masks, same order of
+batches). `--dupe_factor K` draws the held-out examples
 K times from the held-out text: the bundled validation split holds a few hundred
 sentence pairs, too few to tell 0.39 from chance (docs/objectives.md).
 """
@@ -30,9 +32,11 @@ def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
   from bert_jax import train
-  step, scores = train.evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which,
-                                           FLAGS.batches, FLAGS.dupe_factor)
+  step, scores, held_out = train.evaluate_checkpoint(FLAGS.workdir, FLAGS.step, FLAGS.which,
+                                                     FLAGS.batches, FLAGS.dupe_factor)
   print(f"{FLAGS.workdir} step {step}")
+  for line in held_out:
+    print(f"  {line}")
   for k, v in sorted(scores.items()):
     print(f"  {k:28s} {v:.4f}")
 

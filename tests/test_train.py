@@ -235,11 +235,12 @@ def test_evaluate_checkpoint_repeats_the_runs_evaluation(reference_run, tmp_path
   _, workdir = reference_run
   rows = [r for r in metrics_lib.read_metrics(workdir) if r["split"] == "eval"]
   last = max(rows, key=lambda r: r["step"])
-  step, scores = train.evaluate_checkpoint(workdir)
+  step, scores, held_out = train.evaluate_checkpoint(workdir)
+  assert held_out[0].startswith("[eval]")
   assert step == last["step"] == 6
   for k, v in scores.items():
     np.testing.assert_allclose(v, last[k], rtol=1e-5, err_msg=k)
-  _, more = train.evaluate_checkpoint(workdir, step=4, eval_batches=4, dupe_factor=2)
+  _, more, _ = train.evaluate_checkpoint(workdir, step=4, eval_batches=4, dupe_factor=2)
   assert set(more) == set(scores) and more["mlm/loss"] != scores["mlm/loss"]
   (tmp_path / "ft").mkdir()
   (tmp_path / "ft" / "encoder_config.json").write_text("{}")
@@ -249,5 +250,5 @@ def test_evaluate_checkpoint_repeats_the_runs_evaluation(reference_run, tmp_path
                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
-  printed = dict(line.split() for line in out.stdout.splitlines()[1:])
+  printed = dict(line.split() for line in out.stdout.splitlines()[1 + len(held_out):])
   assert float(printed["mlm/accuracy"]) == pytest.approx(scores["mlm/accuracy"], abs=1e-4)
