@@ -546,26 +546,13 @@ def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) ->
   train_ds = pipeline.build_dataset(config.data, tokenizer, "train", seed=config.seed,
                                     example_kind=example_kind, workdir=workdir,
                                     global_batch_size=tc.batch_size)
-  eval_ds = pipeline.build_dataset(config.data, tokenizer, "eval", seed=config.seed + 1,
-                                   example_kind=example_kind, workdir=workdir)
   per_host = tc.batch_size // jax.process_count()
   data_iter = pipeline.train_iterator(
       train_ds, batch_size_per_host=per_host, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_threads=config.data.num_threads)
-  eval_data = pipeline.eval_batches(eval_ds, batch_size=per_host, num_batches=tc.eval_batches,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+  evaluate, _ = held_out_evaluation(config, setup, tokenizer, workdir, mesh, rules)
   sample = dummy_batch(tc.batch_size, config.data.seq_len, kind)
-  with sharding.activate(mesh, rules):
-    p_eval = jax.jit(functools.partial(eval_step, setup=setup))
-  eval_base = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
-
-  def evaluate(params) -> dict[str, float]:
-    ms = [p_eval(params, to_global(with_epoch(b), batch_sharding),
-                 jax.random.fold_in(eval_base, i)) for i, b in enumerate(eval_data)]
-    return metrics_lib.reduce_metrics(ms)
 
   def header(state, memory) -> list[str]:
     n_params = count_params(state.params)
@@ -598,17 +585,45 @@ def pretraining(config: ml_collections.ConfigDict, workdir: str, mesh, rules) ->
       async_checkpoint=tc.async_checkpoint, eval_at_start=True, tokenizer=tokenizer)
 
 
+def held_out_evaluation(config: ml_collections.ConfigDict, setup: Setup, tokenizer: Any,
+                        workdir: str, mesh, rules
+                        ) -> tuple[Callable[[Any], dict[str, float]], list[Batch]]:
+  """(params -> held-out scores, the host batches scored): the first train.eval_batches
+  batches of the eval split, each corrupted on its own fixed key, so every evaluation of a
+  run (and `evaluate_checkpoint` after it) scores the same examples the same way."""
+  from bert_jax.data import pipeline
+
+  eval_ds = pipeline.build_dataset(config.data, tokenizer, "eval", seed=config.seed + 1,
+                                   example_kind=objectives_lib.example_kind(setup.objectives),
+                                   workdir=workdir)
+  eval_data = pipeline.eval_batches(
+      eval_ds, batch_size=config.train.batch_size // jax.process_count(),
+      num_batches=config.train.eval_batches, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  with sharding.activate(mesh, rules):
+    p_eval = jax.jit(functools.partial(eval_step, setup=setup))
+  eval_base = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
+
+  def evaluate(params) -> dict[str, float]:
+    ms = [p_eval(params, to_global(with_epoch(b), batch_sharding),
+                 jax.random.fold_in(eval_base, i)) for i, b in enumerate(eval_data)]
+    return metrics_lib.reduce_metrics(ms)
+  return evaluate, eval_data
+
+
 def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "latest",
                         eval_batches: int | None = None,
                         dupe_factor: int | None = None
                         ) -> tuple[int, dict[str, float], list[str]]:
-  """(step, held-out scores, lines describing the held-out examples) of a pretraining
+  """(step, held-out scores, lines describing the examples scored) of a pretraining
   workdir's checkpoint, as its run evaluates, over `eval_batches` batches (default: the
   run's). `dupe_factor` draws the held-out examples that many times from the held-out
   text (sentence-level objectives: a small split gives few pairs, so its accuracy is
-  noisy; the description's label_fractions give their chance level). With the run's
-  settings, the scores are the run's own evaluation at that step."""
-  from bert_jax.data import pipeline
+  noisy; the description's label_fractions, of the examples scored, give their chance
+  level). With the run's settings, the scores are the run's own evaluation at that step.
+  The training split is not built."""
+  from bert_jax.data import tokenizer as tokenizer_lib
   if os.path.isfile(os.path.join(workdir, continued.ENCODER_CONFIG_FILE)):
     raise ValueError(f"{workdir!r} is a fine-tuning workdir; `launch.predict` scores those")
   config = run_config.load(workdir)
@@ -616,14 +631,19 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, which: str = "lat
     config.train.eval_batches = int(eval_batches)
   if dupe_factor is not None:
     config.data.dupe_factor = int(dupe_factor)
+  config = objectives_lib.complete_config(config)
+  tokenizer = tokenizer_lib.ensure_tokenizer(config.data, workdir)
+  setup = build_setup(config, special_ids(tokenizer))
   mesh, rules = mesh_and_rules(config)
-  kind = pretraining(objectives_lib.complete_config(config), workdir, mesh, rules)
+  evaluate, scored = held_out_evaluation(config, setup, tokenizer, workdir, mesh, rules)
   params, restored = checkpoint_lib.restore_params(workdir, step, which)
-  held_out = pipeline.build_examples(  # planned again (cheap next to the evaluation)
-      config.data, kind.tokenizer, "eval", seed=config.seed + 1,
-      example_kind=objectives_lib.example_kind(kind.setup.objectives), workdir=workdir)
-  return (restored, kind.evaluate(jax.tree.map(np.asarray, params)),
-          pipeline.describe(held_out))
+  n = sum(len(b["input_ids"]) for b in scored)
+  lines = [f"[eval] {n:,} examples scored ({len(scored)} batches of the eval split)"]
+  if "sentence_label" in scored[0]:
+    labels = np.concatenate([b["sentence_label"] for b in scored])
+    lines.append("[eval] label_fractions=" + ",".join(
+        f"{x:.3f}" for x in np.bincount(labels) / len(labels)))
+  return restored, evaluate(jax.tree.map(np.asarray, params)), lines
 
 
 def _on_sigterm(flag: dict):
