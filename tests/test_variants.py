@@ -19,7 +19,7 @@ from objectives import cap, sdp, sro, sso, tdd, tdr, wso
 from tests import test_composition
 from tests.conftest import tiny_config
 from tests.test_pairs import Specials, doc_of_token, make_corpus
-from tests.test_train import SPECIAL
+from tests.test_train import SPECIAL, random_batch
 
 VARIANTS = ("wso", "tdd", "cap", "tdr", "sso", "sdp", "sro")
 SEQ_LEN = 64
@@ -181,21 +181,15 @@ def test_tdd_view_moves_segments_and_mask_into_the_encoder():
   assert set(np.unique(np.asarray(view["segment_ids"]))) <= {0, 1}
 
 
-def cyclic_batch(rng, batch=32, length=SEQ_LEN, period=8):
-  """Sequences of a cyclic language (token 5 + (start + i) % period at position i): every
-  deletion breaks the cycle, so it is visible from the token and its left neighbour."""
-  lengths = rng.integers(length // 2, length + 1, size=batch)
-  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-  start = rng.integers(0, period, size=batch)
-  ids = (5 + (start[:, None] + np.arange(length)[None]) % period).astype(np.int32) * mask
-  ids[:, 0] = SPECIAL.cls
-  ids[np.arange(batch), lengths - 1] = SPECIAL.sep
-  word_ids = np.where(mask == 1, np.arange(length)[None], -1).astype(np.int32)
-  word_ids[:, 0] = -1
-  word_ids[np.arange(batch), lengths - 1] = -1
-  return {"input_ids": ids, "segment_ids": np.zeros_like(ids), "attention_mask": mask,
-          "word_ids": word_ids, "example_id": rng.integers(0, 2**30, size=batch, dtype=np.int32),
-          "epoch": np.zeros(batch, np.int32)}
+def cyclic_batch(seed, period=8):
+  """test_train's random batch with the regular tokens of a cyclic language (token
+  5 + (start + i) % period at position i): every deletion breaks the cycle, so it is
+  visible from the token and its left neighbour."""
+  b = random_batch(seed, batch=32, length=SEQ_LEN)
+  start = np.random.default_rng(seed).integers(0, period, size=(32, 1))
+  cycle = 5 + (start + np.arange(SEQ_LEN)) % period
+  b["input_ids"] = np.where(b["word_ids"] >= 0, cycle, b["input_ids"]).astype(np.int32)
+  return b
 
 
 @pytest.mark.slow
@@ -211,16 +205,15 @@ def test_tdd_learns_where_the_neighbour_is_in_the_input():
   c.optim.update(dict(warmup_steps=30, lr=1e-3))
   c.train.steps = 600
   setup = train.build_setup(c, SPECIAL)
-  params = test_composition.init_params(setup, cyclic_batch(np.random.default_rng(0)))
+  params = test_composition.init_params(setup, cyclic_batch(0))
   state = train.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                            opt_state=setup.tx.init(params), rng=jax.random.PRNGKey(0))
   step = jax.jit(lambda s, b: train.train_step(s, b, setup))
   evaluate = jax.jit(lambda p, b: train.eval_step(p, b, jax.random.PRNGKey(5), setup))
-  held_out = cyclic_batch(np.random.default_rng(99))
+  held_out = cyclic_batch(10_000)
   before = evaluate(state.params, held_out)["tdd/disc_auc"]
-  rng = np.random.default_rng(1)
-  for _ in range(c.train.steps):
-    state, _ = step(state, cyclic_batch(rng))
+  for i in range(c.train.steps):
+    state, _ = step(state, cyclic_batch(1 + i))
   after = evaluate(state.params, held_out)
   auc = float(after["tdd/disc_auc"][0] / after["tdd/disc_auc"][1])
   assert abs(float(before[0] / before[1]) - 0.5) < 0.1 and auc > 0.9, auc
